@@ -1,0 +1,180 @@
+"""The public functions ``drop_block`` and ``block_mask``."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from dropblock_jax._geometry import (
+    GAMMA_MODES,
+    NORMALIZE_MODES,
+    SEED_REGIONS,
+    MaskLayout,
+    check_choice,
+    mask_layout,
+)
+from dropblock_jax._mask import check_key, kept_mask
+from dropblock_jax._rates import checked_probability, gamma_for, keep_fraction
+
+
+def _layout(shape, block_size, spatial_axes, broadcast_dims, seed_region, gamma) -> MaskLayout:
+    check_choice("seed_region", seed_region, SEED_REGIONS)
+    check_choice("gamma", gamma, GAMMA_MODES)
+    return mask_layout(shape, block_size, spatial_axes, broadcast_dims, seed_region)
+
+
+def _check_floating(x) -> jax.Array:
+    if not isinstance(x, (jax.Array, jnp.ndarray)) and not hasattr(x, "__jax_array__"):
+        x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"x must be a floating array (float16, bfloat16, float32, float64), got dtype {x.dtype}."
+        )
+    return x
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "gamma"))
+def _kept_and_gamma(key, keep, layout: MaskLayout, gamma: str):
+    seed_gamma = gamma_for(keep, layout.geometry, gamma)
+    return kept_mask(key, layout, seed_gamma), seed_gamma
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "gamma", "normalize", "axis_name"))
+def _drop_block(key, x, keep, layout: MaskLayout, gamma: str, normalize: str, axis_name):
+    kept, seed_gamma = _kept_and_gamma(key, keep, layout, gamma)
+    compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    if normalize == "batch":
+        # Counts are exact integers; the ratio is formed in float32 or wider, so
+        # float16 inputs of any size keep a correct scale.
+        kept_count = jnp.sum(kept, dtype=jnp.int32).astype(compute_dtype) * layout.broadcast_factor
+        total = jnp.asarray(x.size, compute_dtype)
+        if axis_name is not None:
+            kept_count, total = jax.lax.psum((kept_count, total), axis_name)
+        scale = jnp.where(kept_count > 0, total / jnp.maximum(kept_count, 1.0), 0.0)
+    elif normalize == "expected":
+        expected = keep_fraction(seed_gamma, layout.geometry).astype(compute_dtype)
+        scale = jnp.where(expected > 0, 1.0 / jnp.where(expected > 0, expected, 1.0), 0.0)
+    else:
+        scale = jnp.ones((), compute_dtype)
+    scaled = (x.astype(compute_dtype) * scale).astype(x.dtype)
+    # A select, not a product: dropped units are exactly zero even where x is inf or NaN.
+    return jnp.where(kept, scaled, jnp.zeros((), x.dtype))
+
+
+def drop_block(
+    key,
+    x: ArrayLike,
+    keep_prob: ArrayLike,
+    block_size=7,
+    *,
+    spatial_axes=None,
+    broadcast_dims=(),
+    seed_region: str = "valid",
+    gamma: str = "paper",
+    normalize: str = "batch",
+    axis_name=None,
+) -> jax.Array:
+    """DropBlock: zeroes random contiguous blocks of a feature map and rescales the rest.
+
+    Seeds are drawn Bernoulli(``gamma``) on the seed region (see :func:`seed_rate`),
+    every seed drops the ``block_size`` block around it, and the kept units are
+    rescaled (paper Algorithm 1). Every sample and channel has its own mask unless
+    ``broadcast_dims`` shares one.
+
+    Args:
+      key: a PRNG key (``jax.random.key`` of any impl, or legacy ``jax.random.PRNGKey``).
+      x: floating array; channels-last by default (``(N, H, W, C)``, ``(N, T, C)``, ...).
+      keep_prob: probability of keeping a unit, in [0, 1]; may be traced (a traced
+        value is clipped to [0, 1]). 1 returns ``x`` unchanged; 0 drops everything.
+      block_size: int (square block over 2 spatial axes, or over every axis of
+        ``spatial_axes``) or tuple of ints, one per spatial axis; clipped to the map.
+      spatial_axes: axes the blocks extend over. Default: the ``len(block_size)``
+        axes just before the last axis.
+      broadcast_dims: axes that share one mask, as in ``flax.linen.Dropout``; e.g.
+        ``(-1,)`` shares a mask across channels, ``(0,)`` across the batch.
+      seed_region: ``"valid"`` (seeds only where the whole block fits, the paper) or
+        ``"everywhere"`` (blocks cut at the border).
+      gamma: ``"paper"`` (Eq. 1 of the paper) or ``"calibrated"`` (expected kept
+        fraction exactly ``keep_prob``).
+      normalize: ``"batch"`` scales by ``count / count_kept`` over the whole array
+        (and over ``axis_name``); ``"expected"`` by ``1 / expected_keep_fraction``;
+        ``"none"`` does not scale.
+      axis_name: a mapped axis name (``vmap``, ``pmap``, ``shard_map``) over which
+        ``"batch"`` normalization sums its counts.
+
+    Returns:
+      An array of ``x``'s shape and dtype.
+
+    Raises:
+      TypeError: for a key that is not a PRNG key, a non-floating ``x``, or arguments
+        of the wrong type.
+      ValueError: for out-of-range or inconsistent arguments.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dropblock_jax import drop_block
+      >>> x = jnp.ones((2, 16, 16, 8))
+      >>> y = drop_block(jax.random.key(0), x, keep_prob=0.9, block_size=5)
+      >>> y.shape, y.dtype
+      ((2, 16, 16, 8), dtype('float32'))
+      >>> bool(jnp.isclose(y.sum(), x.sum()))  # "batch" normalization keeps the sum
+      True
+
+    References:
+      Ghiasi, Lin, Le, "DropBlock: A regularization method for convolutional networks",
+      NeurIPS 2018 (arXiv 1810.12890), Algorithm 1.
+    """
+    key = check_key(key)
+    x = _check_floating(x)
+    keep = checked_probability("keep_prob", keep_prob)
+    layout = _layout(x.shape, block_size, spatial_axes, broadcast_dims, seed_region, gamma)
+    check_choice("normalize", normalize, NORMALIZE_MODES)
+    if axis_name is not None and normalize != "batch":
+        raise ValueError(f'axis_name is only used with normalize="batch", got normalize={normalize!r}.')
+    if x.size == 0 or (not isinstance(keep_prob, jax.core.Tracer) and float(keep_prob) == 1.0):
+        return x
+    return _drop_block(key, x, keep, layout, gamma, normalize, axis_name)
+
+
+def block_mask(
+    key,
+    shape,
+    keep_prob: ArrayLike,
+    block_size=7,
+    *,
+    spatial_axes=None,
+    broadcast_dims=(),
+    seed_region: str = "valid",
+    gamma: str = "paper",
+) -> jax.Array:
+    """The boolean DropBlock mask (``True`` = kept) that :func:`drop_block` applies.
+
+    For the same key and arguments,
+    ``drop_block(key, x, ...) == x * block_mask(key, x.shape, ...) * scale``.
+
+    Args:
+      key: a PRNG key (``jax.random.key`` of any impl, or legacy ``jax.random.PRNGKey``).
+      shape: shape of the feature map the mask is for.
+      keep_prob, block_size, spatial_axes, broadcast_dims, seed_region, gamma: as in
+        :func:`drop_block`.
+
+    Returns:
+      A bool array of ``shape``; axes in ``broadcast_dims`` repeat one mask.
+
+    Examples:
+      >>> import jax
+      >>> from dropblock_jax import block_mask
+      >>> m = block_mask(jax.random.key(1), (1, 8, 8, 1), 0.5, block_size=3)
+      >>> m.shape, m.dtype
+      ((1, 8, 8, 1), dtype('bool'))
+    """
+    key = check_key(key)
+    keep = checked_probability("keep_prob", keep_prob)
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise TypeError(f"shape must be a tuple of non-negative ints, got {shape!r}.")
+    layout = _layout(tuple(shape), block_size, spatial_axes, broadcast_dims, seed_region, gamma)
+    kept, _ = _kept_and_gamma(key, keep, layout, gamma)
+    return jnp.broadcast_to(kept, layout.shape)

@@ -1,0 +1,247 @@
+"""Static geometry of DropBlock: argument checks, clipped blocks, seed grids, cover counts.
+
+Everything here is plain Python and NumPy on shapes, computed once at trace time.
+
+Block alignment. A seed at position ``p`` drops the positions
+``p - (k - 1) // 2 .. p + k // 2`` along an axis with block size ``k``: the block is
+centred on its seed, and for an even ``k`` the extra position lies after the seed
+(the convention of the seed document's max-pool code and of timm). With
+``seed_region="valid"`` seeds are drawn only where this whole block lies inside the
+map, the region of paper Section 3; with ``"everywhere"`` seeds are drawn at every
+position and blocks are cut at the border.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Sequence
+
+import numpy as np
+
+SEED_REGIONS = ("valid", "everywhere")
+GAMMA_MODES = ("paper", "calibrated")
+NORMALIZE_MODES = ("batch", "expected", "none")
+
+# An int block_size means a square block over this many spatial axes.
+DEFAULT_SPATIAL_RANK = 2
+
+
+def check_choice(name: str, value, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}.")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def parse_block_size(block_size, rank: int | None = None) -> tuple[int, ...]:
+    """Returns ``block_size`` as a tuple of ints >= 1.
+
+    An int becomes a cube over ``rank`` axes (2 when ``rank`` is None); a tuple must
+    have ``rank`` entries when ``rank`` is given.
+    """
+    if _is_int(block_size):
+        sizes = (int(block_size),) * (DEFAULT_SPATIAL_RANK if rank is None else rank)
+    elif isinstance(block_size, (tuple, list)) and block_size and all(map(_is_int, block_size)):
+        sizes = tuple(int(b) for b in block_size)
+        if rank is not None and len(sizes) != rank:
+            raise ValueError(
+                f"block_size must have one entry per spatial axis ({rank}), got {block_size!r}."
+            )
+    else:
+        raise TypeError(
+            f"block_size must be an int or a non-empty tuple of ints, got {block_size!r}."
+        )
+    if min(sizes) < 1:
+        raise ValueError(f"block_size entries must be >= 1, got {block_size!r}.")
+    return sizes
+
+
+def _normalize_axes(name: str, axes, ndim: int) -> tuple[int, ...]:
+    if _is_int(axes):
+        axes = (axes,)
+    if not isinstance(axes, (tuple, list)) or not all(map(_is_int, axes)):
+        raise TypeError(f"{name} must be a tuple of ints, got {axes!r}.")
+    normalized = []
+    for axis in axes:
+        if not -ndim <= axis < ndim:
+            raise ValueError(
+                f"{name} entry {axis} is out of range for an array with {ndim} dimensions "
+                f"(allowed: {-ndim} .. {ndim - 1}); got {name}={tuple(axes)!r}."
+            )
+        normalized.append(int(axis) % ndim)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"{name} must not repeat an axis, got {tuple(axes)!r}.")
+    return tuple(normalized)
+
+
+def _cover_counts_1d(size: int, block: int, seed_region: str) -> np.ndarray:
+    """How many seed positions drop each position of one axis."""
+    position = np.arange(size)
+    if seed_region == "valid":
+        # Seed q of the valid grid (size - block + 1 long) drops q .. q + block - 1.
+        first, last = np.maximum(0, position - block + 1), np.minimum(position, size - block)
+    else:
+        first = np.maximum(0, position - block // 2)
+        last = np.minimum(size - 1, position + (block - 1) // 2)
+    return last - first + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SpatialGeometry:
+    """Block and seed grid of one feature map, with its cover-count histogram.
+
+    Attributes:
+      sizes: the map's spatial sizes.
+      block: block sizes clipped to ``sizes``.
+      seed_region: ``"valid"`` or ``"everywhere"``.
+      seed_sizes: spatial sizes of the grid seeds are drawn on.
+      padding: ``(low, high)`` padding per axis that turns a max-pool of the seed grid
+        into the dropped region, with the output the size of the map.
+      cover_values: distinct numbers of seeds that cover a position.
+      cover_counts: how many positions have each of those numbers.
+    """
+
+    sizes: tuple[int, ...]
+    block: tuple[int, ...]
+    seed_region: str
+    seed_sizes: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    cover_values: tuple[int, ...]
+    cover_counts: tuple[int, ...]
+
+    @property
+    def num_positions(self) -> int:
+        return int(np.prod(self.sizes))
+
+    @property
+    def paper_gamma_factor(self) -> float:
+        """``gamma / (1 - keep_prob)`` of the paper's formula (Section 3, Eq. 1)."""
+        factor = 1.0 / np.prod(self.block, dtype=np.float64)
+        if self.seed_region == "valid":
+            factor *= self.num_positions / np.prod(self.seed_sizes, dtype=np.float64)
+        return float(factor)
+
+
+def spatial_geometry(sizes: Sequence[int], block: Sequence[int], seed_region: str) -> SpatialGeometry:
+    """Builds the static geometry of a map of spatial ``sizes`` (block already parsed)."""
+    check_choice("seed_region", seed_region, SEED_REGIONS)
+    sizes = tuple(int(s) for s in sizes)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"spatial sizes must be >= 1, got {sizes!r}.")
+    block = tuple(min(b, s) for b, s in zip(block, sizes))
+    if seed_region == "valid":
+        seed_sizes = tuple(s - b + 1 for s, b in zip(sizes, block))
+        padding = tuple((b - 1, b - 1) for b in block)
+    else:
+        seed_sizes = sizes
+        padding = tuple((b // 2, (b - 1) // 2) for b in block)
+
+    # The cover count of a position is the product of its per-axis counts, so its
+    # histogram is the product of the per-axis histograms.
+    values, counts = np.array([1], np.int64), np.array([1], np.int64)
+    for size, b in zip(sizes, block):
+        axis_values, axis_counts = np.unique(_cover_counts_1d(size, b, seed_region), return_counts=True)
+        products = np.multiply.outer(values, axis_values).ravel()
+        weights = np.multiply.outer(counts, axis_counts).ravel()
+        values, inverse = np.unique(products, return_inverse=True)
+        counts = np.bincount(inverse.ravel(), weights=weights).astype(np.int64)
+    return SpatialGeometry(
+        sizes=sizes,
+        block=block,
+        seed_region=seed_region,
+        seed_sizes=seed_sizes,
+        padding=padding,
+        cover_values=tuple(int(v) for v in values),
+        cover_counts=tuple(int(c) for c in counts),
+    )
+
+
+def feature_geometry(feature_shape, block_size, seed_region: str) -> SpatialGeometry:
+    """Geometry from the ``feature_shape`` / ``block_size`` arguments of the rate functions."""
+    if _is_int(feature_shape):
+        feature_shape = (feature_shape,)
+    if not isinstance(feature_shape, (tuple, list)) or not all(map(_is_int, feature_shape)):
+        raise TypeError(f"feature_shape must be a tuple of ints (the spatial sizes), got {feature_shape!r}.")
+    if not feature_shape or min(feature_shape) < 1:
+        raise ValueError(f"feature_shape must be a non-empty tuple of sizes >= 1, got {feature_shape!r}.")
+    block = parse_block_size(block_size, None if not _is_int(block_size) else len(feature_shape))
+    if len(block) != len(feature_shape):
+        raise ValueError(
+            f"block_size {block_size!r} has {len(block)} entries but feature_shape "
+            f"{tuple(feature_shape)!r} has {len(feature_shape)}."
+        )
+    return spatial_geometry(feature_shape, block, seed_region)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskLayout:
+    """Where the spatial geometry sits inside an array, and which axes share a mask.
+
+    Attributes:
+      shape: the array's shape.
+      spatial_axes: the axes blocks extend over, in ``block_size`` order.
+      broadcast_dims: the axes that share one mask.
+      geometry: the spatial geometry.
+    """
+
+    shape: tuple[int, ...]
+    spatial_axes: tuple[int, ...]
+    broadcast_dims: tuple[int, ...]
+    geometry: SpatialGeometry
+
+    @property
+    def mask_shape(self) -> tuple[int, ...]:
+        """The shape of one mask draw: ``shape`` with broadcast dims set to 1."""
+        return tuple(1 if axis in self.broadcast_dims else n for axis, n in enumerate(self.shape))
+
+    @property
+    def seed_shape(self) -> tuple[int, ...]:
+        """The shape seeds are drawn on: ``mask_shape`` with spatial axes cut to the seed grid."""
+        shape = list(self.mask_shape)
+        for axis, n in zip(self.spatial_axes, self.geometry.seed_sizes):
+            shape[axis] = n
+        return tuple(shape)
+
+    @property
+    def broadcast_factor(self) -> int:
+        """How many array elements each mask element stands for."""
+        return int(np.prod([self.shape[a] for a in self.broadcast_dims], dtype=np.int64))
+
+
+def mask_layout(shape, block_size, spatial_axes, broadcast_dims, seed_region: str) -> MaskLayout:
+    """Checks the array-level arguments and returns the static layout."""
+    shape = tuple(int(n) for n in shape)
+    ndim = len(shape)
+    if spatial_axes is None:
+        block = parse_block_size(block_size)
+        if ndim < len(block) + 1:
+            raise ValueError(
+                f"an array of shape {shape} has too few dimensions for {len(block)} spatial axes "
+                f"before a channel axis (block_size={block_size!r}); pass spatial_axes explicitly."
+            )
+        axes = tuple(range(ndim - 1 - len(block), ndim - 1))
+    else:
+        axes = _normalize_axes("spatial_axes", spatial_axes, ndim)
+        if not axes:
+            raise ValueError("spatial_axes must name at least one axis, got ().")
+        block = parse_block_size(block_size, len(axes))
+    broadcast = _normalize_axes("broadcast_dims", broadcast_dims, ndim)
+    shared = sorted(set(broadcast) & set(axes))
+    if shared:
+        raise ValueError(
+            f"broadcast_dims must not contain a spatial axis: got broadcast_dims={tuple(broadcast_dims)!r} "
+            f"with spatial axes {axes}."
+        )
+    sizes = tuple(shape[a] for a in axes)
+    if min(sizes) < 1:
+        raise ValueError(f"spatial axes {axes} of shape {shape} must have sizes >= 1.")
+    return MaskLayout(
+        shape=shape,
+        spatial_axes=axes,
+        broadcast_dims=tuple(sorted(broadcast)),
+        geometry=spatial_geometry(sizes, block, seed_region),
+    )

@@ -1,0 +1,90 @@
+"""Flax Linen DropBlock layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from flax import linen as nn
+from jax.typing import ArrayLike
+
+from dropblock_jax._functional import drop_block
+
+
+class DropBlock(nn.Module):
+    """DropBlock as a Linen layer, used like ``flax.linen.Dropout``.
+
+    The layer only picks the flag and the key; the work is :func:`dropblock_jax.drop_block`.
+    ``deterministic`` is merged like ``nn.Dropout`` (given to the constructor or the
+    call, not both); deterministic calls return ``inputs`` unchanged. The key is
+    ``rng`` when given, else ``self.make_rng(rng_collection)``, so each ``apply`` with
+    ``rngs={"dropout": key}`` draws its own masks.
+
+    Attributes:
+      keep_prob: probability of keeping a unit; a ``keep_prob`` given at call time
+        (which may be traced, e.g. from a schedule) overrides it.
+      block_size: int or tuple of ints, one per spatial axis.
+      spatial_axes, broadcast_dims, seed_region, gamma, normalize, axis_name: as in
+        :func:`dropblock_jax.drop_block`.
+      deterministic: if True, the layer is the identity.
+      rng_collection: the rng collection the key comes from.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dropblock_jax import DropBlock
+      >>> layer = DropBlock(keep_prob=0.9, block_size=3)
+      >>> x = jnp.ones((2, 8, 8, 4))
+      >>> y = layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+      >>> y.shape
+      (2, 8, 8, 4)
+      >>> bool((layer.apply({}, x, deterministic=True) == x).all())
+      True
+    """
+
+    keep_prob: float = 0.9
+    block_size: int | tuple[int, ...] = 7
+    spatial_axes: Sequence[int] | None = None
+    broadcast_dims: Sequence[int] = ()
+    seed_region: str = "valid"
+    gamma: str = "paper"
+    normalize: str = "batch"
+    axis_name: str | None = None
+    deterministic: bool | None = None
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs: jax.Array,
+        deterministic: bool | None = None,
+        rng: jax.Array | None = None,
+        keep_prob: ArrayLike | None = None,
+    ) -> jax.Array:
+        """Applies DropBlock to ``inputs``.
+
+        Args:
+          inputs: floating feature map.
+          deterministic: overrides nothing: exactly one of the attribute and this
+            argument must be given (``nn.merge_param``).
+          rng: a PRNG key to use instead of ``make_rng(rng_collection)``.
+          keep_prob: overrides the attribute; may be traced.
+
+        Returns:
+          ``inputs`` with blocks dropped, or ``inputs`` itself when deterministic.
+        """
+        if nn.merge_param("deterministic", self.deterministic, deterministic):
+            return inputs
+        if rng is None:
+            rng = self.make_rng(self.rng_collection)
+        return drop_block(
+            rng,
+            inputs,
+            self.keep_prob if keep_prob is None else keep_prob,
+            self.block_size,
+            spatial_axes=self.spatial_axes,
+            broadcast_dims=self.broadcast_dims,
+            seed_region=self.seed_region,
+            gamma=self.gamma,
+            normalize=self.normalize,
+            axis_name=self.axis_name,
+        )

@@ -1,0 +1,162 @@
+"""Flax NNX DropBlock layer and ``set_keep_prob``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import ArrayLike
+
+from dropblock_jax._functional import drop_block
+from dropblock_jax._rates import checked_probability
+
+
+class DropBlock(nnx.Module):
+    """DropBlock as an NNX layer, used like ``flax.nnx.Dropout``.
+
+    ``model.train()`` / ``model.eval()`` and ``nnx.view(model, deterministic=...)``
+    switch it; every call draws a new mask from its forked rng stream. ``keep_prob`` is
+    held as data (an ``nnx.Variable``), not static structure, so changing it with
+    :func:`set_keep_prob` never retraces an ``nnx.jit`` function. The math is
+    :func:`dropblock_jax.drop_block`.
+
+    Args:
+      keep_prob: probability of keeping a unit.
+      block_size: int or tuple of ints, one per spatial axis.
+      spatial_axes, broadcast_dims, seed_region, gamma, normalize, axis_name: as in
+        :func:`dropblock_jax.drop_block`.
+      deterministic: if True, the layer is the identity.
+      rng_collection: the rng stream the keys come from.
+      rngs: an ``nnx.Rngs`` or ``nnx.RngStream``; forked at construction.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dropblock_jax.nnx import DropBlock
+      >>> layer = DropBlock(0.9, block_size=3, rngs=nnx.Rngs(dropout=0))
+      >>> x = jnp.ones((2, 8, 8, 4))
+      >>> layer(x).shape
+      (2, 8, 8, 4)
+      >>> layer.eval()
+      >>> bool((layer(x) == x).all())
+      True
+    """
+
+    def __init__(
+        self,
+        keep_prob: float = 0.9,
+        block_size: int | tuple[int, ...] = 7,
+        *,
+        spatial_axes: Sequence[int] | None = None,
+        broadcast_dims: Sequence[int] = (),
+        seed_region: str = "valid",
+        gamma: str = "paper",
+        normalize: str = "batch",
+        axis_name: str | None = None,
+        deterministic: bool = False,
+        rng_collection: str = "dropout",
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+    ):
+        checked_probability("keep_prob", keep_prob)
+        self.keep_prob = nnx.Variable(jnp.asarray(keep_prob, jnp.float32))
+        self.block_size = block_size
+        self.spatial_axes = spatial_axes
+        self.broadcast_dims = tuple(broadcast_dims)
+        self.seed_region = seed_region
+        self.gamma = gamma
+        self.normalize = normalize
+        self.axis_name = axis_name
+        self.deterministic = deterministic
+        self.rng_collection = rng_collection
+        if isinstance(rngs, nnx.Rngs):
+            self.rngs = rngs[rng_collection].fork()
+        elif isinstance(rngs, nnx.RngStream):
+            self.rngs = rngs.fork()
+        elif rngs is None:
+            self.rngs = nnx.data(None)
+        else:
+            raise TypeError(f"rngs must be an nnx.Rngs, an nnx.RngStream or None, got {type(rngs).__name__}.")
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        *,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+        keep_prob: ArrayLike | None = None,
+    ) -> jax.Array:
+        """Applies DropBlock to ``inputs``.
+
+        Args:
+          inputs: floating feature map.
+          deterministic: overrides the attribute for this call.
+          rngs: an ``nnx.Rngs``, ``nnx.RngStream`` or key to use instead of the
+            layer's own stream.
+          keep_prob: overrides the stored keep_prob for this call; may be traced.
+
+        Returns:
+          ``inputs`` with blocks dropped, or ``inputs`` itself when deterministic.
+        """
+        if self.deterministic if deterministic is None else deterministic:
+            return inputs
+        key = self._key(rngs)
+        return drop_block(
+            key,
+            inputs,
+            self.keep_prob[...] if keep_prob is None else keep_prob,
+            self.block_size,
+            spatial_axes=self.spatial_axes,
+            broadcast_dims=self.broadcast_dims,
+            seed_region=self.seed_region,
+            gamma=self.gamma,
+            normalize=self.normalize,
+            axis_name=self.axis_name,
+        )
+
+    def _key(self, rngs) -> jax.Array:
+        rngs = self.rngs if rngs is None else rngs
+        if isinstance(rngs, nnx.Rngs):
+            return rngs[self.rng_collection]()
+        if isinstance(rngs, nnx.RngStream):
+            return rngs()
+        if isinstance(rngs, jax.Array):
+            return rngs
+        raise ValueError(
+            "DropBlock is in training mode (deterministic=False) but has no rngs. Either:\n"
+            "  1. pass rngs to the constructor: DropBlock(..., rngs=nnx.Rngs(dropout=0)),\n"
+            "  2. pass rngs to the call: layer(x, rngs=nnx.Rngs(dropout=0)) or a key,\n"
+            "  3. switch it off: model.eval(), nnx.view(model, deterministic=True) or "
+            "layer(x, deterministic=True)."
+        )
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by ``nnx.view``: ``deterministic=True`` disables DropBlock."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+
+def set_keep_prob(module_tree, value: ArrayLike) -> None:
+    """Sets ``keep_prob`` of every :class:`DropBlock` inside ``module_tree``.
+
+    The value is stored in each layer's ``keep_prob`` variable, so an ``nnx.jit``
+    function that takes the model sees new data, not a new structure, and does not
+    retrace.
+
+    Args:
+      module_tree: an NNX module (or any node ``nnx.iter_graph`` walks).
+      value: the new keep_prob, in [0, 1].
+
+    Examples:
+      >>> from flax import nnx
+      >>> from dropblock_jax.nnx import DropBlock, set_keep_prob
+      >>> model = nnx.Sequential(DropBlock(0.9, 3, rngs=nnx.Rngs(0)))
+      >>> set_keep_prob(model, 0.95)
+      >>> round(float(model.layers[0].keep_prob[...]), 2)
+      0.95
+    """
+    value = checked_probability("value", value)
+    for _, node in nnx.iter_graph(module_tree):
+        if isinstance(node, DropBlock):
+            node.keep_prob[...] = value.astype(node.keep_prob[...].dtype)
