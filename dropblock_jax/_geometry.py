@@ -8,7 +8,9 @@ centred on its seed, and for an even ``k`` the extra position lies after the see
 (the convention of the seed document's max-pool code and of timm). With
 ``seed_region="valid"`` seeds are drawn only where this whole block lies inside the
 map, the region of paper Section 3; with ``"everywhere"`` seeds are drawn at every
-position and blocks are cut at the border.
+position and blocks are cut at the border, except that a block as large as the map
+along an axis spans that whole axis, so such a block drops whole maps
+(SpatialDropout) in both regions.
 """
 
 from __future__ import annotations
@@ -78,15 +80,26 @@ def _normalize_axes(name: str, axes, ndim: int) -> tuple[int, ...]:
     return tuple(normalized)
 
 
-def _cover_counts_1d(size: int, block: int, seed_region: str) -> np.ndarray:
-    """How many seed positions drop each position of one axis."""
-    position = np.arange(size)
+def _axis_pooling(size: int, block: int, seed_region: str) -> tuple[int, int, tuple[int, int]]:
+    """Seed grid length, max-pool window and padding of one axis (block already clipped).
+
+    Output position ``i`` of the pool sees seeds ``i - low .. i - low + window - 1``.
+    """
     if seed_region == "valid":
-        # Seed q of the valid grid (size - block + 1 long) drops q .. q + block - 1.
-        first, last = np.maximum(0, position - block + 1), np.minimum(position, size - block)
-    else:
-        first = np.maximum(0, position - block // 2)
-        last = np.minimum(size - 1, position + (block - 1) // 2)
+        # Seed q of the valid grid drops q .. q + block - 1.
+        return size - block + 1, block, (block - 1, block - 1)
+    if block == size:
+        # A block as large as the map spans the whole axis whatever its seed, so that
+        # such a block drops whole maps in both seed regions.
+        return size, 2 * size - 1, (size - 1, size - 1)
+    return size, block, (block // 2, (block - 1) // 2)
+
+
+def _cover_counts_1d(size: int, seed_size: int, window: int, low: int) -> np.ndarray:
+    """How many seeds of the grid drop each position of one axis."""
+    position = np.arange(size)
+    first = np.maximum(0, position - low)
+    last = np.minimum(seed_size - 1, position - low + window - 1)
     return last - first + 1
 
 
@@ -99,6 +112,8 @@ class SpatialGeometry:
       block: block sizes clipped to ``sizes``.
       seed_region: ``"valid"`` or ``"everywhere"``.
       seed_sizes: spatial sizes of the grid seeds are drawn on.
+      windows: max-pool window per axis; the block, except where an "everywhere"
+        block spans the whole axis.
       padding: ``(low, high)`` padding per axis that turns a max-pool of the seed grid
         into the dropped region, with the output the size of the map.
       cover_values: distinct numbers of seeds that cover a position.
@@ -109,6 +124,7 @@ class SpatialGeometry:
     block: tuple[int, ...]
     seed_region: str
     seed_sizes: tuple[int, ...]
+    windows: tuple[int, ...]
     padding: tuple[tuple[int, int], ...]
     cover_values: tuple[int, ...]
     cover_counts: tuple[int, ...]
@@ -133,28 +149,25 @@ def spatial_geometry(sizes: Sequence[int], block: Sequence[int], seed_region: st
     if not sizes or min(sizes) < 1:
         raise ValueError(f"spatial sizes must be >= 1, got {sizes!r}.")
     block = tuple(min(b, s) for b, s in zip(block, sizes))
-    if seed_region == "valid":
-        seed_sizes = tuple(s - b + 1 for s, b in zip(sizes, block))
-        padding = tuple((b - 1, b - 1) for b in block)
-    else:
-        seed_sizes = sizes
-        padding = tuple((b // 2, (b - 1) // 2) for b in block)
+    seed_sizes, windows, padding = zip(*(_axis_pooling(s, b, seed_region) for s, b in zip(sizes, block)))
 
     # The cover count of a position is the product of its per-axis counts, so its
     # histogram is the product of the per-axis histograms.
     values, counts = np.array([1], np.int64), np.array([1], np.int64)
-    for size, b in zip(sizes, block):
-        axis_values, axis_counts = np.unique(_cover_counts_1d(size, b, seed_region), return_counts=True)
+    for size, seed_size, window, (low, _) in zip(sizes, seed_sizes, windows, padding):
+        axis_counts = _cover_counts_1d(size, seed_size, window, low)
+        axis_values, axis_weights = np.unique(axis_counts, return_counts=True)
         products = np.multiply.outer(values, axis_values).ravel()
-        weights = np.multiply.outer(counts, axis_counts).ravel()
+        weights = np.multiply.outer(counts, axis_weights).ravel()
         values, inverse = np.unique(products, return_inverse=True)
         counts = np.bincount(inverse.ravel(), weights=weights).astype(np.int64)
     return SpatialGeometry(
         sizes=sizes,
         block=block,
         seed_region=seed_region,
-        seed_sizes=seed_sizes,
-        padding=padding,
+        seed_sizes=tuple(seed_sizes),
+        windows=tuple(windows),
+        padding=tuple(padding),
         cover_values=tuple(int(v) for v in values),
         cover_counts=tuple(int(c) for c in counts),
     )

@@ -86,8 +86,10 @@ def _sparse_gamma_limit(length: int, draws: int) -> float:
     return low
 
 
-def _dense_seeds(key: jax.Array, shape: tuple[int, ...], gamma: jax.Array) -> jax.Array:
-    bits = jax.random.bits(key, shape, jnp.uint32)
+def _dense_seeds(key: jax.Array, rows: int, length: int, gamma: jax.Array) -> jax.Array:
+    # Drawn as a matrix and reshaped by the caller: XLA compiles threefry on a
+    # high-rank shape several times slower.
+    bits = jax.random.bits(key, (rows, length), jnp.uint32)
     # Compare 32-bit integers against gamma * 2**32: no float conversion per element.
     threshold = jnp.floor(gamma.astype(jnp.float32) * np.float32(2.0**32))
     threshold = jnp.minimum(threshold, np.float32(2.0**32 - 256)).astype(jnp.uint32)
@@ -96,13 +98,13 @@ def _dense_seeds(key: jax.Array, shape: tuple[int, ...], gamma: jax.Array) -> ja
 
 def _sparse_seeds(key: jax.Array, rows: int, length: int, draws: int, gamma: jax.Array) -> jax.Array:
     bits = jax.random.bits(key, (rows, draws), jnp.uint32)
-    # Uniform on (0, 1) with float32 resolution everywhere, also near 0.
-    uniform = (bits.astype(jnp.float32) + 0.5) * np.float32(2.0**-32)
+    # Midpoints of a 2**-24 grid: uniform on the open interval (0, 1), exactly representable.
+    uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * np.float32(2.0**-24)
     log_survive = jnp.log1p(-gamma.astype(jnp.float32))
     # Gap - 1 ~ Geometric(gamma) on {0, 1, ...}: P(gap - 1 >= m) = (1 - gamma) ** m.
     gaps = jnp.floor(jnp.log(uniform) / jnp.minimum(log_survive, -np.float32(1e-30))) + 1.0
-    # A gap of `length` already leaves the row; clipping keeps the int32 cumsum exact.
-    gaps = jnp.minimum(gaps, np.float32(length)).astype(jnp.int32)
+    # A gap past `length` already leaves the row; clipping keeps the int32 cumsum exact.
+    gaps = jnp.minimum(gaps, np.float32(length + 1)).astype(jnp.int32)
     positions = jnp.cumsum(gaps, axis=1) - 1
 
     def scatter_row(row_positions):
@@ -116,15 +118,15 @@ def bernoulli_seeds(key: jax.Array, shape: tuple[int, ...], gamma: jax.Array) ->
     rows, length = _rows_and_length(shape)
     draws = -(-length // SPARSE_FRACTION)
     if length < MIN_SPARSE_ROW:
-        return _dense_seeds(key, shape, gamma)
+        return _dense_seeds(key, rows, length, gamma).reshape(shape)
     limit = _sparse_gamma_limit(length, draws)
     sparse_key, dense_key = jax.random.split(key)
     seeds = lax.cond(
         gamma <= limit,
-        lambda: _sparse_seeds(sparse_key, rows, length, draws, gamma).reshape(shape),
-        lambda: _dense_seeds(dense_key, shape, gamma),
+        lambda: _sparse_seeds(sparse_key, rows, length, draws, gamma),
+        lambda: _dense_seeds(dense_key, rows, length, gamma),
     )
-    return seeds
+    return seeds.reshape(shape)
 
 
 def kept_mask(key: jax.Array, layout: MaskLayout, gamma: jax.Array) -> jax.Array:
@@ -133,9 +135,9 @@ def kept_mask(key: jax.Array, layout: MaskLayout, gamma: jax.Array) -> jax.Array
     seeds = bernoulli_seeds(key, layout.seed_shape, lax.stop_gradient(gamma))
     ndim = len(layout.shape)
     # One 1-D max-pool per spatial axis: separable, and on uint8 it is cheap.
-    for axis, block, padding in zip(layout.spatial_axes, geometry.block, geometry.padding):
+    for axis, size, padding in zip(layout.spatial_axes, geometry.windows, geometry.padding):
         window = [1] * ndim
-        window[axis] = block
+        window[axis] = size
         pads = [(0, 0)] * ndim
         pads[axis] = padding
         seeds = lax.reduce_window(seeds, np.uint8(0), lax.max, window, (1,) * ndim, pads)

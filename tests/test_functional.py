@@ -1,0 +1,173 @@
+"""drop_block and block_mask: values, normalization, keys, jit, vmap, gradients."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dropblock_jax as db
+
+MODES = list(itertools.product(["valid", "everywhere"], ["paper", "calibrated"], ["batch", "expected", "none"]))
+SHAPE = (4, 14, 14, 6)
+
+
+def _x(shape=SHAPE, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(42), shape, dtype)
+
+
+@pytest.mark.parametrize("seed_region,gamma,normalize", MODES)
+def test_keep_prob_one_is_identity_and_zero_drops_everything(seed_region, gamma, normalize):
+    x = _x()
+    kwargs = dict(seed_region=seed_region, gamma=gamma, normalize=normalize)
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(np.asarray(db.drop_block(key, x, 1.0, 5, **kwargs)).view(np.uint32), np.asarray(x).view(np.uint32))
+    # A traced keep_prob of 1 takes the general path and is still bit for bit the input.
+    traced = jax.jit(lambda p: db.drop_block(key, x, p, 5, **kwargs))(1.0)
+    np.testing.assert_array_equal(np.asarray(traced).view(np.uint32), np.asarray(x).view(np.uint32))
+
+    def loss(x, p):
+        return jnp.sum(db.drop_block(key, x, p, 5, **kwargs) ** 2)
+
+    for p in [0.0, jnp.float32(0.0)]:
+        assert not np.asarray(db.drop_block(key, x, p, 5, **kwargs)).any()
+        grad = jax.jit(jax.grad(loss))(x, p)
+        assert np.isfinite(grad).all() and not grad.any()
+
+
+def test_drop_block_is_x_times_block_mask_times_scale():
+    x = _x()
+    key = jax.random.key(1)
+    for kwargs in [{}, dict(broadcast_dims=(-1,)), dict(seed_region="everywhere", gamma="calibrated")]:
+        y = db.drop_block(key, x, 0.8, 3, **kwargs)
+        mask = db.block_mask(key, x.shape, 0.8, 3, **kwargs)
+        scale = mask.size / jnp.sum(mask)
+        np.testing.assert_allclose(y, x * mask * scale, rtol=1e-6)
+        assert ((y == 0) == ~mask).all()
+
+
+def test_normalize_batch_preserves_the_sum_exactly():
+    ones = jnp.ones((8, 20, 20, 16))
+    for seed in range(3):
+        y = db.drop_block(jax.random.key(seed), ones, 0.85, 5)
+        assert float((y == 0).mean()) > 0.05
+        np.testing.assert_allclose(np.sum(np.asarray(y, np.float64)), ones.size, rtol=1e-6)
+
+
+def test_normalize_expected_with_calibrated_gamma_scales_by_one_over_keep_prob():
+    ones = jnp.ones((4, 16, 16, 8))
+    for keep in [0.9, 0.75]:
+        y = np.asarray(db.drop_block(jax.random.key(0), ones, keep, 5, gamma="calibrated", normalize="expected"))
+        kept = y[y != 0]
+        np.testing.assert_allclose(kept, 1.0 / keep, rtol=1e-6)
+
+
+def test_normalize_none_leaves_kept_values_alone():
+    x = _x()
+    y = np.asarray(db.drop_block(jax.random.key(0), x, 0.7, 3, normalize="none"))
+    kept = y != 0
+    assert 0.3 < kept.mean() < 0.95
+    np.testing.assert_array_equal(y[kept], np.asarray(x)[kept])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_inputs_of_millions_of_elements_keep_a_correct_scale(dtype):
+    # 4.2M units: far past float16's largest finite value of 65504.
+    ones = jnp.ones((16, 64, 64, 64), dtype)
+    y = db.drop_block(jax.random.key(0), ones, 0.9, 7)
+    assert y.dtype == dtype
+    kept = np.asarray(y.astype(jnp.float32))
+    kept_fraction = (kept != 0).mean()
+    assert 0.85 < kept_fraction < 0.95
+    expected_scale = 1.0 / kept_fraction
+    np.testing.assert_allclose(kept[kept != 0], expected_scale, rtol=float(jnp.finfo(dtype).eps))
+
+
+def test_float64_under_x64():
+    with jax.enable_x64(True):
+        x = jnp.ones((2, 12, 12, 3), jnp.float64)
+        y = db.drop_block(jax.random.key(0), x, 0.8, 3)
+        assert y.dtype == jnp.float64
+        np.testing.assert_allclose(float(y.sum()), x.size, rtol=1e-12)
+
+
+def test_dropped_units_are_zero_even_for_inf_and_nan_inputs():
+    x = jnp.full((2, 10, 10, 4), jnp.inf).at[0, 0, 0, 0].set(jnp.nan)
+    y = np.asarray(db.drop_block(jax.random.key(0), x, 0.5, 3))
+    mask = np.asarray(db.block_mask(jax.random.key(0), x.shape, 0.5, 3))
+    assert (y[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
+def test_same_key_same_result_with_and_without_jit(impl):
+    x = _x((4, 28, 28, 64))  # large enough for the sparse seed path
+    key = jax.random.key(3, impl=impl)
+    eager = db.drop_block(key, x, 0.9, 7)
+    np.testing.assert_array_equal(eager, db.drop_block(key, x, 0.9, 7))
+    np.testing.assert_array_equal(eager, jax.jit(db.drop_block, static_argnums=3)(key, x, 0.9, 7))
+    np.testing.assert_array_equal(eager, jax.jit(lambda k, x: db.drop_block(k, x, 0.9, 7))(key, x))
+    assert not np.array_equal(eager, db.drop_block(jax.random.key(4, impl=impl), x, 0.9, 7))
+
+
+def test_legacy_key_gives_the_same_result_as_the_typed_threefry_key():
+    x = _x()
+    legacy = db.drop_block(jax.random.PRNGKey(5), x, 0.8, 3)
+    typed = db.drop_block(jax.random.wrap_key_data(jax.random.PRNGKey(5)), x, 0.8, 3)
+    np.testing.assert_array_equal(legacy, typed)
+
+
+def test_traced_keep_prob_compiles_once():
+    traces = []
+
+    @jax.jit
+    def step(key, x, keep_prob):
+        traces.append(None)
+        return db.drop_block(key, x, keep_prob, 5)
+
+    x = jnp.ones((2, 16, 16, 4))
+    dropped = []
+    for keep in np.linspace(1.0, 0.8, 6):
+        dropped.append(float((step(jax.random.key(0), x, keep) == 0).mean()))
+    assert len(traces) == 1
+    assert dropped[0] == 0.0 and dropped[-1] > 0.0
+
+
+def test_traced_keep_prob_out_of_range_is_clipped():
+    x = jnp.ones((2, 16, 16, 4))
+    key = jax.random.key(0)
+    f = jax.jit(lambda p: db.drop_block(key, x, p, 5))
+    np.testing.assert_array_equal(f(1.5), x)
+    assert not f(-0.5).any()
+
+
+def test_vmap_over_keep_prob_matches_separate_calls():
+    x = _x((2, 32, 32, 64))
+    key = jax.random.key(0)
+    keeps = jnp.array([1.0, 0.95, 0.9, 0.5])
+    batched = jax.vmap(lambda p: db.drop_block(key, x, p, 5))(keeps)
+    for i, keep in enumerate(keeps):
+        np.testing.assert_array_equal(batched[i], db.drop_block(key, x, keep, 5))
+
+
+def test_gradient_is_mask_times_scale():
+    x = _x()
+    key = jax.random.key(2)
+    for normalize in ["batch", "expected", "none"]:
+        grad = jax.grad(lambda x: jnp.sum(db.drop_block(key, x, 0.8, 3, normalize=normalize)))(x)
+        y = db.drop_block(key, jnp.ones_like(x), 0.8, 3, normalize=normalize)
+        np.testing.assert_allclose(grad, y, rtol=1e-6)
+
+
+def test_vmap_with_axis_name_normalizes_over_the_mapped_axis():
+    ones = jnp.ones((4, 12, 12, 3))
+    keys = jax.random.split(jax.random.key(0), 4)
+    y = jax.vmap(lambda k, xi: db.drop_block(k, xi, 0.7, 3, axis_name="batch"), axis_name="batch")(keys, ones)
+    np.testing.assert_allclose(np.sum(np.asarray(y, np.float64)), ones.size, rtol=1e-6)
+    per_sample = [float(s) for s in y.sum(axis=(1, 2, 3))]
+    assert len(set(per_sample)) > 1  # one scale for all: per-sample sums differ
+
+
+def test_empty_batch_returns_input():
+    x = jnp.ones((0, 8, 8, 3))
+    assert db.drop_block(jax.random.key(0), x, 0.9, 3).shape == (0, 8, 8, 3)

@@ -1,0 +1,185 @@
+"""Geometry of block masks: alignment, regions, shapes, broadcasting."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+import dropblock_jax as db
+from dropblock_jax import _geometry, _mask
+
+
+def _first_offset(block, seed_region):
+    """Offset from a seed's grid index to the first position of its block."""
+    return 0 if seed_region == "valid" else -((block - 1) // 2)
+
+
+def _dilate_reference(seeds, blocks, sizes, seed_region):
+    """Brute force: mark the (clipped) block of every seed."""
+    dropped = np.zeros(sizes, bool)
+    for index in zip(*np.nonzero(seeds)):
+        region = tuple(
+            slice(max(0, i + _first_offset(b, seed_region)), min(s, i + _first_offset(b, seed_region) + b))
+            for i, b, s in zip(index, blocks, sizes)
+        )
+        dropped[region] = True
+    return dropped
+
+
+def _is_union_of_blocks(dropped, blocks, seed_region):
+    """True if ``dropped`` is exactly the union of the (clipped) blocks it contains."""
+    blocks = tuple(min(b, s) for b, s in zip(blocks, dropped.shape))
+    if seed_region == "valid":
+        padded = dropped
+    else:
+        # Outside the map counts as dropped, so blocks cut at the border qualify.
+        padded = np.pad(dropped, [((b - 1) // 2, b // 2) for b in blocks], constant_values=True)
+    whole = sliding_window_view(padded, blocks).reshape(*np.array(padded.shape) - blocks + 1, -1).all(-1)
+    return np.array_equal(_dilate_reference(whole, blocks, dropped.shape, seed_region), dropped)
+
+
+@pytest.mark.parametrize("seed_region", ["valid", "everywhere"])
+@pytest.mark.parametrize("sizes,block", [((9, 9), (3, 3)), ((8, 11), (2, 4)), ((12,), (5,)), ((5, 6, 7), (2, 3, 3))])
+def test_mask_is_the_dilation_of_its_seeds(seed_region, sizes, block):
+    # White box: rebuild the mask from the very seeds kept_mask draws, position by position.
+    shape = (3, *sizes, 2)
+    layout = _geometry.mask_layout(shape, block, tuple(range(1, 1 + len(sizes))), (), seed_region)
+    key = jax.random.key(7)
+    gamma = jnp.float32(0.08)
+    seeds = np.asarray(_mask.bernoulli_seeds(key, layout.seed_shape, gamma))
+    kept = np.asarray(_mask.kept_mask(key, layout, gamma))
+    assert seeds.any()
+    for n, c in itertools.product(range(shape[0]), range(shape[-1])):
+        expected = _dilate_reference(seeds[n, ..., c], block, sizes, seed_region)
+        np.testing.assert_array_equal(~kept[n, ..., c], expected)
+
+
+@pytest.mark.parametrize("seed_region", ["valid", "everywhere"])
+@pytest.mark.parametrize("sizes,block", [((14, 14), 5), ((9, 20), (3, 6)), ((20, 9), (6, 3)), ((10, 10), 4)])
+def test_dropped_region_is_a_union_of_blocks(seed_region, sizes, block):
+    mask = db.block_mask(jax.random.key(3), (8, *sizes, 4), 0.8, block, seed_region=seed_region)
+    mask = np.asarray(mask)
+    blocks = _geometry.parse_block_size(block)
+    for n, c in itertools.product(range(8), range(4)):
+        assert _is_union_of_blocks(~mask[n, ..., c], blocks, seed_region)
+
+
+def test_valid_blocks_stay_inside_and_everywhere_blocks_are_cut():
+    sizes, block = (12, 12), 5
+    valid = ~np.asarray(db.block_mask(jax.random.key(0), (64, *sizes, 1), 0.7, block, gamma="calibrated"))
+    everywhere = ~np.asarray(
+        db.block_mask(jax.random.key(0), (64, *sizes, 1), 0.7, block, seed_region="everywhere", gamma="calibrated")
+    )
+
+    def border_run_lengths(dropped):
+        # Length of dropped runs that start at the top border, for every column.
+        runs = []
+        for map_ in dropped[..., 0]:
+            for column in map_.T:
+                if column[0]:
+                    runs.append(np.argmin(np.append(column, False)))
+        return np.array(runs)
+
+    # A valid block touching the border is whole: runs from the border are >= block.
+    assert border_run_lengths(valid).min() >= block
+    # Everywhere: some blocks are cut by the border, shorter than the block.
+    assert border_run_lengths(everywhere).min() < block
+
+
+@pytest.mark.parametrize("seed_region", ["valid", "everywhere"])
+@pytest.mark.parametrize("sizes,block", [((5, 13), (2, 3)), ((13, 5), (3, 2)), ((7, 3), (7, 3)), ((4, 17), 3)])
+def test_blocks_reach_every_row_and_column(seed_region, sizes, block):
+    mask = np.asarray(db.block_mask(jax.random.key(1), (256, *sizes, 1), 0.6, block, seed_region=seed_region))
+    ever_dropped = (~mask).any(axis=(0, -1))
+    assert ever_dropped.all(), np.argwhere(~ever_dropped)
+
+
+@pytest.mark.parametrize("seed_region", ["valid", "everywhere"])
+@pytest.mark.parametrize("block", [(6, 5), (9, 9), 50])
+def test_block_as_large_as_the_map_drops_whole_maps(seed_region, block):
+    mask = np.asarray(db.block_mask(jax.random.key(2), (64, 6, 5, 8), 0.5, block, seed_region=seed_region))
+    per_map = mask.reshape(64, 30, 8)
+    assert (per_map.all(axis=1) | (~per_map).all(axis=1)).all()
+    dropped_maps = (~per_map).all(axis=1).mean()
+    assert 0.0 < dropped_maps < 1.0
+
+
+def test_block_size_one_is_elementwise():
+    mask = np.asarray(db.block_mask(jax.random.key(0), (4, 16, 16, 8), 0.5, 1))
+    assert 0.4 < mask.mean() < 0.6
+    # Neighbouring units are independent: the pair agreement is ~ p^2 + (1-p)^2.
+    agreement = (mask[:, 1:] == mask[:, :-1]).mean()
+    assert 0.45 < agreement < 0.55
+
+
+@pytest.mark.parametrize(
+    "shape,block,spatial_axes",
+    [
+        ((4, 40, 6), (5,), None),  # 1-D (N, T, C)
+        ((2, 9, 10, 11, 3), (3, 3, 3), None),  # 3-D (N, D, H, W, C)
+        ((4, 3, 16, 12), (5, 3), (2, 3)),  # NCHW
+        ((2, 3, 8, 8, 8, 2), (2, 3, 4), (1, 2, 3)),  # leading spatial axes, two channel axes
+    ],
+)
+def test_dimensions_and_layouts(shape, block, spatial_axes):
+    mask = np.asarray(db.block_mask(jax.random.key(4), shape, 0.7, block, spatial_axes=spatial_axes))
+    assert mask.shape == shape and mask.dtype == bool
+    axes = spatial_axes or tuple(range(len(shape) - 1 - len(block), len(shape) - 1))
+    others = [a for a in range(len(shape)) if a not in axes]
+    maps = np.moveaxis(mask, others, list(range(len(others)))).reshape(-1, *[shape[a] for a in axes])
+    assert (~maps).any()
+    for dropped in ~maps:
+        assert _is_union_of_blocks(dropped, block, "valid")
+
+
+def test_unbatched_input_under_vmap():
+    x = jax.random.normal(jax.random.key(0), (5, 12, 12, 3))
+    keys = jax.random.split(jax.random.key(1), 5)
+    batched = jax.vmap(lambda k, xi: db.drop_block(k, xi, 0.8, 3))(keys, x)
+    for i in range(5):
+        np.testing.assert_array_equal(batched[i], db.drop_block(keys[i], x[i], 0.8, 3))
+
+
+def test_broadcast_dims():
+    shape = (6, 12, 12, 5)
+    independent = np.asarray(db.block_mask(jax.random.key(0), shape, 0.7, 3))
+    # The paper: every sample and channel has its own mask.
+    flat = independent.transpose(0, 3, 1, 2).reshape(30, -1)
+    assert len({m.tobytes() for m in flat}) == 30
+    shared_channels = np.asarray(db.block_mask(jax.random.key(0), shape, 0.7, 3, broadcast_dims=(-1,)))
+    assert (shared_channels == shared_channels[..., :1]).all()
+    assert len({shared_channels[n].tobytes() for n in range(6)}) == 6
+    shared_batch = np.asarray(db.block_mask(jax.random.key(0), shape, 0.7, 3, broadcast_dims=(0,)))
+    assert (shared_batch == shared_batch[:1]).all()
+    assert len({shared_batch[0, ..., c].tobytes() for c in range(5)}) == 5
+
+
+def test_sparse_and_dense_seed_paths_agree_in_distribution():
+    # A long row takes the geometric-gap path at small gamma and the dense path above
+    # the limit; both must give Bernoulli(gamma) seeds, uniform over positions.
+    shape = (64, 8192)
+    rows, length = _mask._rows_and_length(shape)
+    limit = _mask._sparse_gamma_limit(length, -(-length // _mask.SPARSE_FRACTION))
+    for gamma in [limit * 0.5, limit * 0.999, limit * 1.5]:
+        seeds = np.asarray(
+            jax.vmap(lambda k: _mask.bernoulli_seeds(k, shape, jnp.float32(gamma)))(
+                jax.random.split(jax.random.key(5), 16)
+            ),
+            np.float64,
+        )
+        per_row = seeds.reshape(-1, length).mean(axis=1)
+        from conftest import assert_mean_matches
+
+        assert_mean_matches(per_row, np.float32(gamma))
+        # Variance of a row's seed count is binomial: length * gamma * (1 - gamma).
+        counts = seeds.reshape(-1, length).sum(axis=1)
+        ratio = counts.var(ddof=1) / (length * gamma * (1 - gamma))
+        assert 0.8 < ratio < 1.25, ratio
+        # Uniform over positions: the first and last quarter of a row see the same rate.
+        quarter = length // 4
+        first, last = seeds[..., :quarter].mean(), seeds[..., -quarter:].mean()
+        standard_error = np.sqrt(gamma * (1 - gamma) / seeds[..., :quarter].size)
+        assert abs(first - last) < 5 * np.sqrt(2) * standard_error
