@@ -1,0 +1,145 @@
+"""Bad input raises ValueError/TypeError naming the argument, the value and what is allowed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dropblock_jax as db
+
+X = jnp.ones((2, 10, 10, 3))
+KEY = jax.random.key(0)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [0, np.array([1, 2], np.int32), jnp.zeros((3,), jnp.uint32), jnp.zeros((2,), jnp.float32), "key"],
+)
+def test_bad_key(key):
+    with pytest.raises(TypeError, match=r"key must be a PRNG key .*got"):
+        db.drop_block(key, X, 0.9, 3)
+
+
+def test_key_array_instead_of_a_key():
+    with pytest.raises(TypeError, match=r"key must be a single PRNG key.*shape \(2,\).*vmap"):
+        db.drop_block(jax.random.split(KEY), X, 0.9, 3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_])
+def test_non_floating_x(dtype):
+    with pytest.raises(TypeError, match=rf"x must be a floating array .*got dtype {jnp.dtype(dtype).name}"):
+        db.drop_block(KEY, jnp.ones((2, 10, 10, 3), dtype), 0.9, 3)
+
+
+@pytest.mark.parametrize("keep_prob", [1.5, -0.1, float("nan"), jnp.float32(2.0)])
+def test_keep_prob_out_of_range(keep_prob):
+    with pytest.raises(ValueError, match=r"keep_prob must be in \[0, 1\], got"):
+        db.drop_block(KEY, X, keep_prob, 3)
+    with pytest.raises(ValueError, match=r"keep_prob must be in \[0, 1\]"):
+        db.block_mask(KEY, X.shape, keep_prob, 3)
+    with pytest.raises(ValueError, match=r"keep_prob must be in \[0, 1\]"):
+        db.seed_rate(keep_prob, (10, 10), 3)
+
+
+def test_keep_prob_not_a_scalar():
+    with pytest.raises(ValueError, match=r"keep_prob must be a scalar, got an array of shape \(2,\)"):
+        db.drop_block(KEY, X, jnp.array([0.9, 0.8]), 3)
+    with pytest.raises(ValueError, match=r"keep_prob must be a scalar"):
+        jax.jit(lambda p: db.drop_block(KEY, X, p, 3))(jnp.array([0.9, 0.8]))
+
+
+@pytest.mark.parametrize("keep_prob", ["0.9", True, None, [0.9]])
+def test_keep_prob_of_the_wrong_type(keep_prob):
+    with pytest.raises(TypeError, match=r"keep_prob must be a real number"):
+        db.drop_block(KEY, X, keep_prob, 3)
+
+
+@pytest.mark.parametrize(
+    "block_size,error,message",
+    [
+        (0, ValueError, r"block_size entries must be >= 1, got 0"),
+        ((3, -1), ValueError, r"block_size entries must be >= 1, got \(3, -1\)"),
+        (2.5, TypeError, r"block_size must be an int or a non-empty tuple of ints, got 2.5"),
+        ((), TypeError, r"block_size must be an int or a non-empty tuple of ints, got \(\)"),
+        (True, TypeError, r"block_size must be an int .*got True"),
+        ((3, 3, 3, 3), ValueError, r"too few dimensions for 4 spatial axes"),
+    ],
+)
+def test_bad_block_size(block_size, error, message):
+    with pytest.raises(error, match=message):
+        db.drop_block(KEY, X, 0.9, block_size)
+
+
+def test_block_size_length_must_match_spatial_axes():
+    with pytest.raises(ValueError, match=r"block_size must have one entry per spatial axis \(2\), got \(3, 3, 3\)"):
+        db.drop_block(KEY, X, 0.9, (3, 3, 3), spatial_axes=(1, 2))
+
+
+@pytest.mark.parametrize(
+    "spatial_axes,error,message",
+    [
+        ((1, 4), ValueError, r"spatial_axes entry 4 is out of range .*allowed: -4 \.\. 3"),
+        ((1, -5), ValueError, r"spatial_axes entry -5 is out of range"),
+        ((1, 1), ValueError, r"spatial_axes must not repeat an axis, got \(1, 1\)"),
+        ((1, -3), ValueError, r"spatial_axes must not repeat an axis, got \(1, -3\)"),
+        (("h", "w"), TypeError, r"spatial_axes must be a tuple of ints, got \('h', 'w'\)"),
+        ((), ValueError, r"spatial_axes must name at least one axis"),
+    ],
+)
+def test_bad_spatial_axes(spatial_axes, error, message):
+    with pytest.raises(error, match=message):
+        db.drop_block(KEY, X, 0.9, 3, spatial_axes=spatial_axes)
+
+
+@pytest.mark.parametrize(
+    "broadcast_dims,message",
+    [
+        ((1,), r"broadcast_dims must not contain a spatial axis: got broadcast_dims=\(1,\)"),
+        ((-2,), r"broadcast_dims must not contain a spatial axis"),
+        ((7,), r"broadcast_dims entry 7 is out of range"),
+        ((0, 0), r"broadcast_dims must not repeat an axis"),
+    ],
+)
+def test_bad_broadcast_dims(broadcast_dims, message):
+    with pytest.raises(ValueError, match=message):
+        db.drop_block(KEY, X, 0.9, 3, broadcast_dims=broadcast_dims)
+
+
+@pytest.mark.parametrize(
+    "argument,value",
+    [("seed_region", "same"), ("gamma", "exact"), ("normalize", "mean"), ("seed_region", None)],
+)
+def test_bad_mode_strings(argument, value):
+    with pytest.raises(ValueError, match=rf"{argument} must be one of \(.*\), got {value!r}"):
+        db.drop_block(KEY, X, 0.9, 3, **{argument: value})
+
+
+def test_too_few_dimensions_for_the_default_layout():
+    with pytest.raises(ValueError, match=r"shape \(10, 10\) has too few dimensions .*spatial_axes"):
+        db.drop_block(KEY, jnp.ones((10, 10)), 0.9, 3)
+
+
+def test_block_mask_shape_argument():
+    with pytest.raises(TypeError, match=r"shape must be a tuple of non-negative ints, got \[2, -1, 4\]"):
+        db.block_mask(KEY, [2, -1, 4], 0.9, 3)
+
+
+def test_rate_functions():
+    with pytest.raises(TypeError, match=r"feature_shape must be a tuple of ints \(the spatial sizes\), got 'hw'"):
+        db.seed_rate(0.9, "hw", 3)
+    with pytest.raises(ValueError, match=r"feature_shape must be a non-empty tuple of sizes >= 1, got \(0, 4\)"):
+        db.seed_rate(0.9, (0, 4), 3)
+    with pytest.raises(ValueError, match=r"block_size \(3, 3\) has 2 entries but feature_shape \(10,\) has 1"):
+        db.seed_rate(0.9, (10,), (3, 3))
+    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\], got 1.5"):
+        db.expected_keep_fraction(1.5, (10, 10), 3)
+    with pytest.raises(ValueError, match=r"gamma must be one of \('paper', 'calibrated'\), got 'exact'"):
+        db.seed_rate(0.9, (10, 10), 3, gamma="exact")
+
+
+def test_no_nan_from_legal_extremes():
+    for keep in [0.0, 1e-7, 0.5, 1.0]:
+        for gamma in ["paper", "calibrated"]:
+            for normalize in ["batch", "expected", "none"]:
+                y = db.drop_block(KEY, X, keep, 3, gamma=gamma, normalize=normalize)
+                assert np.isfinite(y).all()
