@@ -36,6 +36,25 @@ def _check_floating(x) -> jax.Array:
     return x
 
 
+# Sums of 0/1 values over at most this many rows fit int16.
+_INT16_ROWS = 2**15 - 1
+
+
+def _count_true(mask: jax.Array) -> jax.Array:
+    """Number of True entries, as int32.
+
+    XLA on CPU vectorizes a reduction over the major axis (row-wise vector adds) far
+    better than one over the minor axis, so the leading axes are summed first, in
+    int16 as long as at most 2**15 - 1 rows are added.
+    """
+    split, rows = 0, 1
+    while split < mask.ndim and rows * mask.shape[split] <= _INT16_ROWS:
+        rows *= mask.shape[split]
+        split += 1
+    partial = jnp.sum(mask.reshape(rows, -1), axis=0, dtype=jnp.int16)
+    return jnp.sum(partial, dtype=jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("layout", "gamma"))
 def _kept_and_gamma(key, keep, layout: MaskLayout, gamma: str):
     seed_gamma = gamma_for(keep, layout.geometry, gamma)
@@ -49,7 +68,7 @@ def _drop_block(key, x, keep, layout: MaskLayout, gamma: str, normalize: str, ax
     if normalize == "batch":
         # Counts are exact integers; the ratio is formed in float32 or wider, so
         # float16 inputs of any size keep a correct scale.
-        kept_count = jnp.sum(kept, dtype=jnp.int32).astype(compute_dtype) * layout.broadcast_factor
+        kept_count = _count_true(kept).astype(compute_dtype) * layout.broadcast_factor
         total = jnp.asarray(x.size, compute_dtype)
         if axis_name is not None:
             kept_count, total = jax.lax.psum((kept_count, total), axis_name)

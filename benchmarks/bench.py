@@ -1,0 +1,123 @@
+"""Speed and memory of drop_block against flax's nn.Dropout and an elementwise pass.
+
+Prints one table: median wall time of jitted calls after warm-up, the ratio to
+``nn.Dropout(0.1)`` and to ``x * 2`` (the memory floor: one read, one write) on the
+same tensor in the same run, the compiled temporary memory as a fraction of the
+input's bytes, and the first-call compile time.
+
+Usage:
+  python benchmarks/bench.py              # the full table
+  python benchmarks/bench.py --repeats 5 --shapes 16,28,28,512
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+import dropblock_jax as db
+
+SHAPES = [
+    ((16, 28, 28, 512), "float32"),
+    ((32, 56, 56, 64), "float32"),
+    ((64, 14, 14, 1024), "float32"),
+    ((16, 28, 28, 512), "bfloat16"),
+]
+KEEP_PROB, BLOCK_SIZE, DROPOUT_RATE = 0.9, 7, 0.1
+
+
+def _dropout(key, x):
+    return nn.Dropout(DROPOUT_RATE).apply({}, x, deterministic=False, rngs={"dropout": key})
+
+
+def _elementwise(key, x):
+    del key
+    return x * 2
+
+
+def _drop_block(broadcast_dims):
+    def forward(key, x):
+        return db.drop_block(key, x, KEEP_PROB, BLOCK_SIZE, broadcast_dims=broadcast_dims)
+
+    return forward
+
+
+def _forward_backward(forward):
+    def gradient(key, x):
+        return jax.grad(lambda x: jnp.sum(forward(key, x).astype(jnp.float32)))(x)
+
+    return gradient
+
+
+class Measured:
+    """Compile time, temporary memory and median run time of one jitted function."""
+
+    def __init__(self, function, key, x, repeats):
+        jitted = jax.jit(function)
+        args = (key, x)
+        start = time.perf_counter()
+        compiled = jitted.lower(*args).compile()
+        self.compile_s = time.perf_counter() - start
+        memory = compiled.memory_analysis()
+        self.temp_bytes = getattr(memory, "temp_size_in_bytes", float("nan"))
+        jax.block_until_ready(compiled(*args))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - start)
+        self.median_ms = statistics.median(times) * 1e3
+
+
+def run(shapes, repeats: int) -> list[str]:
+    key = jax.random.key(0)
+    lines = [
+        f"jax {jax.__version__}, flax {flax.__version__}, {jax.devices()[0].platform}: "
+        f"{jax.devices()[0].device_kind}, {platform.processor() or platform.machine()}; "
+        f"keep_prob {KEEP_PROB}, block {BLOCK_SIZE}, medians of {repeats} jitted calls",
+        "",
+        "| shape | dtype | masks | pass | median ms | / nn.Dropout | / x*2 | temp mem / input | compile s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for shape, dtype in shapes:
+        x = jax.random.normal(jax.random.key(1), shape, dtype)
+        input_bytes = x.size * x.dtype.itemsize
+        for pass_name, wrap in [("forward", lambda f: f), ("fwd+bwd", _forward_backward)]:
+            dropout = Measured(wrap(_dropout), key, x, repeats)
+            floor = Measured(wrap(_elementwise), key, x, repeats)
+            rows = [("nn.Dropout(0.1)", dropout), ("x * 2", floor)]
+            for masks, dims in [("per-channel", ()), ("shared (-1,)", (-1,))]:
+                rows.append((f"DropBlock {masks}", Measured(wrap(_drop_block(dims)), key, x, repeats)))
+            for name, m in rows:
+                lines.append(
+                    f"| {shape} | {dtype} | {name} | {pass_name} | {m.median_ms:.2f} | "
+                    f"{m.median_ms / dropout.median_ms:.3f} | {m.median_ms / floor.median_ms:.2f} | "
+                    f"{m.temp_bytes / input_bytes:.2f} | {m.compile_s:.2f} |"
+                )
+            print("\n".join(lines[-len(rows):]), flush=True)
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per entry (median)")
+    parser.add_argument(
+        "--shapes",
+        type=lambda text: [(tuple(int(n) for n in text.split(",")), "float32")],
+        default=SHAPES,
+        help="one comma-separated float32 shape instead of the standard set",
+    )
+    args = parser.parse_args()
+    lines = run(args.shapes, args.repeats)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
