@@ -18,7 +18,9 @@ class DropBlock(nn.Module):
     ``deterministic`` is merged like ``nn.Dropout`` (given to the constructor or the
     call, not both); deterministic calls return ``inputs`` unchanged. The key is
     ``rng`` when given, else ``self.make_rng(rng_collection)``, so each ``apply`` with
-    ``rngs={"dropout": key}`` draws its own masks.
+    ``rngs={"dropout": key}`` draws its own masks. Inside ``shard_map`` or ``pmap``
+    every device gets the same key, hence the same mask: pass
+    ``rng=jax.random.fold_in(key, jax.lax.axis_index(name))`` for one mask per device.
 
     Attributes:
       keep_prob: probability of keeping a unit; a ``keep_prob`` given at call time

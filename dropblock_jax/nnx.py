@@ -20,7 +20,9 @@ class DropBlock(nnx.Module):
     switch it; every call draws a new mask from its forked rng stream. ``keep_prob`` is
     held as data (an ``nnx.Variable``), not static structure, so changing it with
     :func:`set_keep_prob` never retraces an ``nnx.jit`` function. The math is
-    :func:`dropblock_jax.drop_block`.
+    :func:`dropblock_jax.drop_block`. Inside ``shard_map`` or ``pmap`` the stream is
+    the same on every device, hence the mask: pass
+    ``rngs=jax.random.fold_in(key, jax.lax.axis_index(name))`` for one mask per device.
 
     Args:
       keep_prob: probability of keeping a unit.
