@@ -16,7 +16,7 @@ from dropblock_jax._geometry import (
     check_choice,
     mask_layout,
 )
-from dropblock_jax._mask import check_key, kept_mask
+from dropblock_jax._mask import check_key, packed_block_mask
 from dropblock_jax._rates import checked_probability, gamma_for, keep_fraction
 
 
@@ -36,39 +36,25 @@ def _check_floating(x) -> jax.Array:
     return x
 
 
-# Sums of 0/1 values over at most this many rows fit int16.
-_INT16_ROWS = 2**15 - 1
-
-
-def _count_true(mask: jax.Array) -> jax.Array:
-    """Number of True entries, as int32.
-
-    XLA on CPU vectorizes a reduction over the major axis (row-wise vector adds) far
-    better than one over the minor axis, so the leading axes are summed first, in
-    int16 as long as at most 2**15 - 1 rows are added.
-    """
-    split, rows = 0, 1
-    while split < mask.ndim and rows * mask.shape[split] <= _INT16_ROWS:
-        rows *= mask.shape[split]
-        split += 1
-    partial = jnp.sum(mask.reshape(rows, -1), axis=0, dtype=jnp.int16)
-    return jnp.sum(partial, dtype=jnp.int32)
+def _mask_and_gamma(key, keep, layout: MaskLayout, gamma: str):
+    seed_gamma = gamma_for(keep, layout.geometry, gamma)
+    return packed_block_mask(key, layout, seed_gamma), seed_gamma
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "gamma"))
-def _kept_and_gamma(key, keep, layout: MaskLayout, gamma: str):
-    seed_gamma = gamma_for(keep, layout.geometry, gamma)
-    return kept_mask(key, layout, seed_gamma), seed_gamma
+def _block_mask(key, keep, layout: MaskLayout, gamma: str):
+    mask, _ = _mask_and_gamma(key, keep, layout, gamma)
+    return jnp.broadcast_to(mask.kept(), layout.shape)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "gamma", "normalize", "axis_name"))
 def _drop_block(key, x, keep, layout: MaskLayout, gamma: str, normalize: str, axis_name):
-    kept, seed_gamma = _kept_and_gamma(key, keep, layout, gamma)
+    mask, seed_gamma = _mask_and_gamma(key, keep, layout, gamma)
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     if normalize == "batch":
         # Counts are exact integers; the ratio is formed in float32 or wider, so
         # float16 inputs of any size keep a correct scale.
-        kept_count = _count_true(kept).astype(compute_dtype) * layout.broadcast_factor
+        kept_count = mask.count_kept().astype(compute_dtype) * layout.broadcast_factor
         total = jnp.asarray(x.size, compute_dtype)
         if axis_name is not None:
             kept_count, total = jax.lax.psum((kept_count, total), axis_name)
@@ -80,7 +66,7 @@ def _drop_block(key, x, keep, layout: MaskLayout, gamma: str, normalize: str, ax
         scale = jnp.ones((), compute_dtype)
     scaled = (x.astype(compute_dtype) * scale).astype(x.dtype)
     # A select, not a product: dropped units are exactly zero even where x is inf or NaN.
-    return jnp.where(kept, scaled, jnp.zeros((), x.dtype))
+    return jnp.where(mask.kept(), scaled, jnp.zeros((), x.dtype))
 
 
 def drop_block(
@@ -195,5 +181,4 @@ def block_mask(
     if not isinstance(shape, (tuple, list)) or not all(isinstance(n, int) and n >= 0 for n in shape):
         raise TypeError(f"shape must be a tuple of non-negative ints, got {shape!r}.")
     layout = _layout(tuple(shape), block_size, spatial_axes, broadcast_dims, seed_region, gamma)
-    kept, _ = _kept_and_gamma(key, keep, layout, gamma)
-    return jnp.broadcast_to(kept, layout.shape)
+    return _block_mask(key, keep, layout, gamma)

@@ -1,23 +1,33 @@
-"""Block masks: Bernoulli seeds on the seed grid, dilated into blocks.
+"""Block masks: Bernoulli seeds on the seed grid, dilated into blocks, 8 flags a byte.
 
-The seeds are the only random numbers DropBlock needs, and at the rates DropBlock
-uses (gamma ~ 0.003 for keep_prob 0.9 and block 7) almost all of them are zero. So
-instead of one random number per position, each row of the seed grid draws the gaps
-between consecutive seeds, which are geometric (inverse-CDF sampling), and scatters
-ones at the resulting positions: a fixed number of draws per row, ``1 / 32`` of the
-row. The cap is static, so a row could in principle need more seeds than it has
-draws; the sparse path is taken only when ``gamma`` is small enough that this has
-probability below ``2 ** -64`` per row (a Chernoff bound), and otherwise every
-position draws its own 32 random bits. Both paths sample the same distribution; they
-produce different bits for the same key, and which one runs is a function of the
-arguments only, so a key always gives the same mask.
+Three things make the mask cheaper than plain dropout's, with the same statistics.
 
-Rows are the leading axes of the seed grid, so a batch-sharded array draws and
+*Few random numbers.* At the rates DropBlock uses (gamma ~ 0.003 for keep_prob 0.9 and
+block 7) almost every seed is zero. Instead of one random number per position, each
+row of the seed grid draws the gaps between consecutive seeds, which are geometric
+(inverse-CDF sampling of a uniform), and scatters the seeds at the resulting
+positions: a fixed number of draws per row, ``1 / SPARSE_FRACTION`` of its length.
+The number of draws is static, so a row could in principle need more; this path is
+taken only when ``gamma`` is small enough that this has probability below ``2 ** -64``
+per row (a Chernoff bound), and otherwise every position draws 32 random bits. Both
+paths sample the same distribution; they produce different bits for the same key, and
+which one runs depends on the arguments only, so a key always gives the same mask.
+
+*Packed flags.* Seeds, and the dropped flags they dilate into, are kept 8 to a byte
+along one non-spatial axis (the channels, or the batch when channels share a mask).
+Blocks extend only over spatial axes, so a bitwise-or max-pool dilates all 8 flags of a
+byte at once, on an eighth of the bytes, and the full-size mask never exists in memory:
+it is unpacked inside the fused pass that applies it.
+
+*Separable pooling.* One 1-D ``lax.reduce_window`` per spatial axis.
+
+Rows are the leading axes of the packed grid, so a batch-sharded array draws and
 scatters its seeds locally on each device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -27,6 +37,7 @@ from jax import lax
 
 from dropblock_jax._geometry import MaskLayout
 
+FLAGS_PER_BYTE = 8
 # One draw per SPARSE_FRACTION positions of a row.
 SPARSE_FRACTION = 32
 # Rows of at most this many positions (int32 positions never overflow) and at least
@@ -42,7 +53,10 @@ def check_key(key) -> jax.Array:
     if isinstance(key, (jax.Array, np.ndarray)):
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             if key.shape != ():
-                raise TypeError(f"key must be a single PRNG key, got a key array of shape {key.shape}; use jax.vmap for a batch of keys.")
+                raise TypeError(
+                    f"key must be a single PRNG key, got a key array of shape {key.shape}; "
+                    "use jax.vmap for a batch of keys."
+                )
             return key
         legacy_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
         if key.dtype == jnp.uint32 and key.shape == legacy_shape:
@@ -54,11 +68,11 @@ def check_key(key) -> jax.Array:
     )
 
 
-def _rows_and_length(shape: tuple[int, ...]) -> tuple[int, int]:
-    """Splits ``shape`` at an axis boundary into (leading product, trailing product <= MAX_ROW)."""
+def _rows_and_length(shape: tuple[int, ...], max_length: int) -> tuple[int, int]:
+    """Splits ``shape`` at an axis boundary into (leading product, trailing product <= max_length)."""
     for split in range(len(shape) + 1):
         length = math.prod(shape[split:])
-        if length <= MAX_ROW:
+        if length <= max_length:
             return math.prod(shape[:split]), length
     raise AssertionError("unreachable: the empty trailing product is 1")
 
@@ -74,7 +88,7 @@ def _log_binomial_tail_bound(length: int, draws: int, gamma: float) -> float:
     return -length * relative_entropy
 
 
-def _sparse_gamma_limit(length: int, draws: int) -> float:
+def sparse_gamma_limit(length: int, draws: int) -> float:
     """Largest gamma whose overflow probability per row stays below the bound."""
     low, high = 0.0, (draws + 1) / length
     for _ in range(60):
@@ -86,59 +100,129 @@ def _sparse_gamma_limit(length: int, draws: int) -> float:
     return low
 
 
-def _dense_seeds(key: jax.Array, rows: int, length: int, gamma: jax.Array) -> jax.Array:
-    # Drawn as a matrix and reshaped by the caller: XLA compiles threefry on a
-    # high-rank shape several times slower.
-    bits = jax.random.bits(key, (rows, length), jnp.uint32)
-    # Compare 32-bit integers against gamma * 2**32: no float conversion per element.
+def _pack_along_last_axis(flags: jax.Array) -> jax.Array:
+    """(..., 8 * n) zeros and ones -> (..., n) bytes, flag ``i`` of a byte in bit ``i``."""
+    grouped = flags.reshape(*flags.shape[:-1], -1, FLAGS_PER_BYTE).astype(jnp.uint8)
+    weights = jnp.left_shift(jnp.uint8(1), jnp.arange(FLAGS_PER_BYTE, dtype=jnp.uint8))
+    return jnp.sum(grouped * weights, axis=-1, dtype=jnp.uint8)
+
+
+def _dense_seed_bytes(key: jax.Array, rows: int, length: int, gamma: jax.Array) -> jax.Array:
+    # Drawn as a matrix: XLA compiles threefry on a high-rank shape several times slower.
+    bits = jax.random.bits(key, (rows, length * FLAGS_PER_BYTE), jnp.uint32)
+    # Compare 32-bit integers against gamma * 2**32: no float conversion per position.
     threshold = jnp.floor(gamma.astype(jnp.float32) * np.float32(2.0**32))
     threshold = jnp.minimum(threshold, np.float32(2.0**32 - 256)).astype(jnp.uint32)
-    return ((bits < threshold) | (gamma >= 1.0)).astype(jnp.uint8)
+    return _pack_along_last_axis((bits < threshold) | (gamma >= 1.0))
 
 
-def _sparse_seeds(key: jax.Array, rows: int, length: int, draws: int, gamma: jax.Array) -> jax.Array:
+def _sparse_seed_bytes(key: jax.Array, rows: int, length: int, draws: int, gamma: jax.Array) -> jax.Array:
+    flags = length * FLAGS_PER_BYTE
     bits = jax.random.bits(key, (rows, draws), jnp.uint32)
     # Midpoints of a 2**-24 grid: uniform on the open interval (0, 1), exactly representable.
     uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * np.float32(2.0**-24)
     log_survive = jnp.log1p(-gamma.astype(jnp.float32))
     # Gap - 1 ~ Geometric(gamma) on {0, 1, ...}: P(gap - 1 >= m) = (1 - gamma) ** m.
     gaps = jnp.floor(jnp.log(uniform) / jnp.minimum(log_survive, -np.float32(1e-30))) + 1.0
-    # A gap past `length` already leaves the row; clipping keeps the int32 cumsum exact.
-    gaps = jnp.minimum(gaps, np.float32(length + 1)).astype(jnp.int32)
+    # A gap past the row already leaves it; clipping keeps the int32 cumsum exact.
+    gaps = jnp.minimum(gaps, np.float32(flags + 1)).astype(jnp.int32)
     positions = jnp.cumsum(gaps, axis=1) - 1
+    # Positions strictly increase, so the bits added to one byte are distinct: add is or.
+    flag_bits = jnp.left_shift(jnp.uint8(1), (positions % FLAGS_PER_BYTE).astype(jnp.uint8))
 
-    def scatter_row(row_positions):
-        return jnp.zeros((length,), jnp.uint8).at[row_positions].set(1, mode="drop")
+    def scatter_row(byte_index, row_bits):
+        return jnp.zeros((length,), jnp.uint8).at[byte_index].add(row_bits, mode="drop")
 
-    return jax.vmap(scatter_row)(positions)
+    return jax.vmap(scatter_row)(positions // FLAGS_PER_BYTE, flag_bits)
 
 
-def bernoulli_seeds(key: jax.Array, shape: tuple[int, ...], gamma: jax.Array) -> jax.Array:
-    """Independent Bernoulli(``gamma``) seeds of ``shape``, as uint8 zeros and ones."""
-    rows, length = _rows_and_length(shape)
-    draws = -(-length // SPARSE_FRACTION)
-    if length < MIN_SPARSE_ROW:
-        return _dense_seeds(key, rows, length, gamma).reshape(shape)
-    limit = _sparse_gamma_limit(length, draws)
+def bernoulli_seed_bytes(key: jax.Array, shape: tuple[int, ...], gamma: jax.Array) -> jax.Array:
+    """Bytes of ``shape`` holding 8 independent Bernoulli(``gamma``) flags each."""
+    rows, length = _rows_and_length(shape, MAX_ROW // FLAGS_PER_BYTE)
+    flags = length * FLAGS_PER_BYTE
+    if flags < MIN_SPARSE_ROW:
+        return _dense_seed_bytes(key, rows, length, gamma).reshape(shape)
+    draws = -(-flags // SPARSE_FRACTION)
+    limit = sparse_gamma_limit(flags, draws)
     sparse_key, dense_key = jax.random.split(key)
     seeds = lax.cond(
         gamma <= limit,
-        lambda: _sparse_seeds(sparse_key, rows, length, draws, gamma),
-        lambda: _dense_seeds(dense_key, rows, length, gamma),
+        lambda: _sparse_seed_bytes(sparse_key, rows, length, draws, gamma),
+        lambda: _dense_seed_bytes(dense_key, rows, length, gamma),
     )
     return seeds.reshape(shape)
 
 
-def kept_mask(key: jax.Array, layout: MaskLayout, gamma: jax.Array) -> jax.Array:
-    """Boolean mask of ``layout.mask_shape`` (True = kept) for seed rate ``gamma``."""
+def _pack_axis(layout: MaskLayout) -> int:
+    """The non-spatial axis flags are packed along: the last one with >= 8 mask entries,
+    else the one with the most."""
+    mask_shape = layout.mask_shape
+    candidates = [a for a in range(len(mask_shape)) if a not in layout.spatial_axes]
+    return max(candidates, key=lambda a: (min(mask_shape[a], FLAGS_PER_BYTE), a))
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedMask:
+    """Dropped flags of a mask, 8 to a byte along ``axis`` (bit ``i`` of byte ``j`` is
+    entry ``8 * j + i``; entries past ``size`` are padding).
+
+    Attributes:
+      dropped_bits: uint8 array, the mask's shape with ``axis`` cut to ``ceil(size / 8)``.
+      axis: the packed axis.
+      size: the mask's length along ``axis``.
+      mask_shape: the shape of the unpacked mask.
+    """
+
+    dropped_bits: jax.Array
+    axis: int
+    size: int
+    mask_shape: tuple[int, ...]
+
+    def kept(self) -> jax.Array:
+        """The boolean mask, True = kept; cheap to fuse into the pass that applies it."""
+        repeated = jnp.repeat(self.dropped_bits, FLAGS_PER_BYTE, axis=self.axis)
+        repeated = lax.slice_in_dim(repeated, 0, self.size, axis=self.axis)
+        bit_shape = [1] * repeated.ndim
+        bit_shape[self.axis] = self.size
+        bit = (np.arange(self.size) % FLAGS_PER_BYTE).astype(np.uint8).reshape(bit_shape)
+        return ((repeated >> bit) & 1 == 0).reshape(self.mask_shape)
+
+    def count_kept(self) -> jax.Array:
+        """Number of kept entries, as int32."""
+        valid_shape = [1] * self.dropped_bits.ndim
+        valid_shape[self.axis] = self.dropped_bits.shape[self.axis]
+        entries = np.arange(self.dropped_bits.shape[self.axis] * FLAGS_PER_BYTE).reshape(-1, FLAGS_PER_BYTE)
+        valid = np.sum((entries < self.size) << np.arange(FLAGS_PER_BYTE), axis=1).astype(np.uint8)
+        dropped = lax.population_count(self.dropped_bits & valid.reshape(valid_shape))
+        total = self.dropped_bits.size // self.dropped_bits.shape[self.axis] * self.size
+        # A plain full reduction: under sharding it is a local sum and a scalar all-reduce.
+        return jnp.int32(total) - jnp.sum(dropped, dtype=jnp.int32)
+
+
+def packed_block_mask(key: jax.Array, layout: MaskLayout, gamma: jax.Array) -> PackedMask:
+    """The block mask of ``layout.mask_shape`` for seed rate ``gamma``, packed."""
+    if len(layout.spatial_axes) == len(layout.shape):
+        # Every axis is spatial: pack along a new leading axis of length 1.
+        expanded = MaskLayout(
+            shape=(1, *layout.shape),
+            spatial_axes=tuple(a + 1 for a in layout.spatial_axes),
+            broadcast_dims=(),
+            geometry=layout.geometry,
+        )
+        packed = packed_block_mask(key, expanded, gamma)
+        return dataclasses.replace(packed, mask_shape=layout.mask_shape)
     geometry = layout.geometry
-    seeds = bernoulli_seeds(key, layout.seed_shape, lax.stop_gradient(gamma))
+    axis = _pack_axis(layout)
+    size = layout.mask_shape[axis]
+    packed_shape = list(layout.seed_shape)
+    packed_shape[axis] = -(-size // FLAGS_PER_BYTE)
+    dropped = bernoulli_seed_bytes(key, tuple(packed_shape), lax.stop_gradient(gamma))
     ndim = len(layout.shape)
-    # One 1-D max-pool per spatial axis: separable, and on uint8 it is cheap.
-    for axis, size, padding in zip(layout.spatial_axes, geometry.windows, geometry.padding):
+    # One 1-D pool per spatial axis; bitwise or dilates the 8 flags of a byte at once.
+    for spatial_axis, window_size, padding in zip(layout.spatial_axes, geometry.windows, geometry.padding):
         window = [1] * ndim
-        window[axis] = size
+        window[spatial_axis] = window_size
         pads = [(0, 0)] * ndim
-        pads[axis] = padding
-        seeds = lax.reduce_window(seeds, np.uint8(0), lax.max, window, (1,) * ndim, pads)
-    return seeds == 0
+        pads[spatial_axis] = padding
+        dropped = lax.reduce_window(dropped, np.uint8(0), lax.bitwise_or, window, (1,) * ndim, pads)
+    return PackedMask(dropped, axis, size, layout.mask_shape)

@@ -9,6 +9,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 import dropblock_jax as db
+from conftest import assert_mean_matches
 from dropblock_jax import _geometry, _mask
 
 
@@ -41,17 +42,31 @@ def _is_union_of_blocks(dropped, blocks, seed_region):
     return np.array_equal(_dilate_reference(whole, blocks, dropped.shape, seed_region), dropped)
 
 
+def _unpack(packed_bytes, axis, size):
+    bits = np.unpackbits(np.asarray(packed_bytes)[..., None], axis=-1, bitorder="little")
+    bits = np.moveaxis(bits, -1, axis + 1)
+    shape = list(packed_bytes.shape)
+    shape[axis] *= 8
+    return np.take(bits.reshape(shape), np.arange(size), axis=axis)
+
+
 @pytest.mark.parametrize("seed_region", ["valid", "everywhere"])
-@pytest.mark.parametrize("sizes,block", [((9, 9), (3, 3)), ((8, 11), (2, 4)), ((12,), (5,)), ((5, 6, 7), (2, 3, 3))])
-def test_mask_is_the_dilation_of_its_seeds(seed_region, sizes, block):
-    # White box: rebuild the mask from the very seeds kept_mask draws, position by position.
-    shape = (3, *sizes, 2)
+@pytest.mark.parametrize(
+    "sizes,block,channels",
+    [((9, 9), (3, 3), 2), ((8, 11), (2, 4), 12), ((12,), (5,), 16), ((5, 6, 7), (2, 3, 3), 3)],
+)
+def test_mask_is_the_dilation_of_its_seeds(seed_region, sizes, block, channels):
+    # White box: rebuild the mask from the very seeds the mask draws, position by position.
+    shape = (3, *sizes, channels)
     layout = _geometry.mask_layout(shape, block, tuple(range(1, 1 + len(sizes))), (), seed_region)
     key = jax.random.key(7)
     gamma = jnp.float32(0.08)
-    seeds = np.asarray(_mask.bernoulli_seeds(key, layout.seed_shape, gamma))
-    kept = np.asarray(_mask.kept_mask(key, layout, gamma))
-    assert seeds.any()
+    axis = _mask._pack_axis(layout)
+    packed_shape = list(layout.seed_shape)
+    packed_shape[axis] = -(-layout.mask_shape[axis] // 8)
+    seeds = _unpack(_mask.bernoulli_seed_bytes(key, tuple(packed_shape), gamma), axis, layout.mask_shape[axis])
+    kept = np.asarray(_mask.packed_block_mask(key, layout, gamma).kept())
+    assert seeds.any() and kept.shape == shape
     for n, c in itertools.product(range(shape[0]), range(shape[-1])):
         expected = _dilate_reference(seeds[n, ..., c], block, sizes, seed_region)
         np.testing.assert_array_equal(~kept[n, ..., c], expected)
@@ -159,27 +174,44 @@ def test_broadcast_dims():
 
 def test_sparse_and_dense_seed_paths_agree_in_distribution():
     # A long row takes the geometric-gap path at small gamma and the dense path above
-    # the limit; both must give Bernoulli(gamma) seeds, uniform over positions.
-    shape = (64, 8192)
-    rows, length = _mask._rows_and_length(shape)
-    limit = _mask._sparse_gamma_limit(length, -(-length // _mask.SPARSE_FRACTION))
+    # the limit; both must give independent Bernoulli(gamma) flags, uniform over positions.
+    shape = (64, 1024)  # bytes: rows of 8192 flags
+    flags = 1024 * 8
+    limit = _mask.sparse_gamma_limit(flags, flags // _mask.SPARSE_FRACTION)
+    keys = jax.random.split(jax.random.key(5), 16)
     for gamma in [limit * 0.5, limit * 0.999, limit * 1.5]:
-        seeds = np.asarray(
-            jax.vmap(lambda k: _mask.bernoulli_seeds(k, shape, jnp.float32(gamma)))(
-                jax.random.split(jax.random.key(5), 16)
-            ),
-            np.float64,
-        )
-        per_row = seeds.reshape(-1, length).mean(axis=1)
-        from conftest import assert_mean_matches
-
-        assert_mean_matches(per_row, np.float32(gamma))
-        # Variance of a row's seed count is binomial: length * gamma * (1 - gamma).
-        counts = seeds.reshape(-1, length).sum(axis=1)
-        ratio = counts.var(ddof=1) / (length * gamma * (1 - gamma))
+        packed = jax.vmap(lambda k: _mask.bernoulli_seed_bytes(k, shape, jnp.float32(gamma)))(keys)
+        seeds = _unpack(packed, 2, flags).reshape(-1, flags).astype(np.float64)
+        assert_mean_matches(seeds.mean(axis=1), np.float32(gamma))
+        # Variance of a row's seed count is binomial: flags * gamma * (1 - gamma).
+        ratio = seeds.sum(axis=1).var(ddof=1) / (flags * gamma * (1 - gamma))
         assert 0.8 < ratio < 1.25, ratio
-        # Uniform over positions: the first and last quarter of a row see the same rate.
-        quarter = length // 4
-        first, last = seeds[..., :quarter].mean(), seeds[..., -quarter:].mean()
-        standard_error = np.sqrt(gamma * (1 - gamma) / seeds[..., :quarter].size)
+        # Uniform over positions: every bit of a byte, and both ends of a row, see gamma.
+        standard_error = np.sqrt(gamma * (1 - gamma) / (seeds.size / 8))
+        per_bit = seeds.reshape(seeds.shape[0], -1, 8).mean(axis=(0, 1))
+        assert np.abs(per_bit - gamma).max() < 5 * standard_error, per_bit
+        first, last = seeds[:, : flags // 8].mean(), seeds[:, -flags // 8 :].mean()
         assert abs(first - last) < 5 * np.sqrt(2) * standard_error
+
+
+def test_packed_mask_counts_only_real_entries():
+    # 13 channels pack into 2 bytes with 3 padding flags, which must not be counted.
+    shape = (64, 9, 9, 13)
+    x = jnp.ones(shape)
+    for keep in [0.5, 0.0]:
+        y = db.drop_block(jax.random.key(0), x, keep, 3)
+        mask = db.block_mask(jax.random.key(0), shape, keep, 3)
+        kept = int(mask.sum())
+        if kept:
+            np.testing.assert_allclose(np.asarray(y)[np.asarray(mask)], x.size / kept, rtol=1e-6)
+        else:
+            assert not np.asarray(y).any()
+
+
+def test_every_axis_spatial():
+    x = jnp.ones((20, 30))
+    mask = np.asarray(db.block_mask(jax.random.key(0), x.shape, 0.7, (3, 5), spatial_axes=(0, 1)))
+    assert mask.shape == (20, 30) and (~mask).any()
+    assert _is_union_of_blocks(~mask, (3, 5), "valid")
+    y = db.drop_block(jax.random.key(0), x, 0.7, (3, 5), spatial_axes=(0, 1))
+    np.testing.assert_allclose(np.sum(np.asarray(y, np.float64)), x.size, rtol=1e-6)
