@@ -11,17 +11,15 @@ from jax.typing import ArrayLike
 from dropblock_jax._geometry import (
     GAMMA_MODES,
     NORMALIZE_MODES,
-    SEED_REGIONS,
     MaskLayout,
     check_choice,
     mask_layout,
 )
 from dropblock_jax._mask import check_key, packed_block_mask
-from dropblock_jax._rates import checked_probability, gamma_for, keep_fraction
+from dropblock_jax._rates import checked_probability, concrete_value, gamma_for, keep_fraction
 
 
 def _layout(shape, block_size, spatial_axes, broadcast_dims, seed_region, gamma) -> MaskLayout:
-    check_choice("seed_region", seed_region, SEED_REGIONS)
     check_choice("gamma", gamma, GAMMA_MODES)
     return mask_layout(shape, block_size, spatial_axes, broadcast_dims, seed_region)
 
@@ -139,7 +137,7 @@ def drop_block(
     check_choice("normalize", normalize, NORMALIZE_MODES)
     if axis_name is not None and normalize != "batch":
         raise ValueError(f'axis_name is only used with normalize="batch", got normalize={normalize!r}.')
-    if x.size == 0 or (not isinstance(keep_prob, jax.core.Tracer) and float(keep_prob) == 1.0):
+    if x.size == 0 or concrete_value(keep_prob) == 1.0:
         return x
     return _drop_block(key, x, keep, layout, gamma, normalize, axis_name)
 

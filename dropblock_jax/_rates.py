@@ -8,7 +8,7 @@ import numpy as np
 from jax import core
 from jax.typing import ArrayLike
 
-from dropblock_jax._geometry import GAMMA_MODES, SEED_REGIONS, SpatialGeometry, check_choice, feature_geometry
+from dropblock_jax._geometry import GAMMA_MODES, SpatialGeometry, check_choice, feature_geometry
 
 # Newton on the log of the keep fraction converges quadratically and monotonically
 # from its lower starting point; 8 steps reach float64 round-off for every geometry
@@ -19,6 +19,11 @@ _CALIBRATION_STEPS = 8
 def rate_dtype():
     """float32, or float64 when ``jax_enable_x64`` is on."""
     return jnp.asarray(1.0).dtype
+
+
+def concrete_value(value: ArrayLike) -> float | None:
+    """The value of a scalar as a float, or None while it is traced."""
+    return None if isinstance(value, core.Tracer) else float(value)
 
 
 def checked_probability(name: str, value: ArrayLike) -> jax.Array:
@@ -34,10 +39,9 @@ def checked_probability(name: str, value: ArrayLike) -> jax.Array:
     dtype = getattr(value, "dtype", None)
     if dtype is not None and not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise TypeError(f"{name} must be a real number, got dtype {dtype}.")
-    if not isinstance(value, core.Tracer):
-        concrete = float(value)
-        if not 0.0 <= concrete <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {concrete!r}.")
+    concrete = concrete_value(value)
+    if concrete is not None and not 0.0 <= concrete <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {concrete!r}.")
     probability = jnp.asarray(value, rate_dtype())
     return jnp.clip(jax.lax.stop_gradient(probability), 0.0, 1.0)
 
@@ -128,7 +132,7 @@ def seed_rate(
       NeurIPS 2018 (arXiv 1810.12890), Section 3.
     """
     check_choice("gamma", gamma, GAMMA_MODES)
-    geometry = feature_geometry(feature_shape, block_size, check_choice("seed_region", seed_region, SEED_REGIONS))
+    geometry = feature_geometry(feature_shape, block_size, seed_region)
     return gamma_for(checked_probability("keep_prob", keep_prob), geometry, gamma)
 
 
@@ -155,5 +159,5 @@ def expected_keep_fraction(gamma: ArrayLike, feature_shape, block_size=7, *, see
       >>> round(float(db.expected_keep_fraction(g, (56, 56), 7)), 4)
       0.9054
     """
-    geometry = feature_geometry(feature_shape, block_size, check_choice("seed_region", seed_region, SEED_REGIONS))
+    geometry = feature_geometry(feature_shape, block_size, seed_region)
     return keep_fraction(checked_probability("gamma", gamma), geometry)
