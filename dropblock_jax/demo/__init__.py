@@ -1,0 +1,12 @@
+"""The demo: ``python -m dropblock_jax.demo`` (or ``make demo``).
+
+Draws a gallery of DropBlock masks and trains a small ResNet
+(:class:`dropblock_jax.models.ResNet`) on scikit-learn's bundled digits, or on an
+``.npz`` of one's own, with no regularizer, dropout, SpatialDropout, DropBlock and
+DropBlock with a linear keep_prob schedule, over several seeds. Needs the ``demo``
+extra: ``pip install 'dropblock-jax[demo]'``.
+"""
+
+from dropblock_jax.demo.cli import main
+
+__all__ = ["main"]

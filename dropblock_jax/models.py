@@ -1,0 +1,290 @@
+"""A small ResNet in Flax NNX with DropBlock placed as the paper's authors place it.
+
+The authors' ResNet (the TensorFlow TPU reference implementation that accompanies
+the paper) applies DropBlock in the last two block groups only, after every batch norm
+of the residual branch and after the batch norm of the projection shortcut. The last
+group uses ``keep_prob``; the group before it drops four times less,
+``1 - (1 - keep_prob) / 4``. :class:`ResNet` reproduces that placement for any number
+of stages, and can put plain dropout or SpatialDropout at the very same places, so
+the regularizers can be compared on equal terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import ArrayLike
+
+from dropblock_jax._rates import checked_probability
+from dropblock_jax.nnx import DropBlock
+from dropblock_jax.nnx import set_keep_prob as _set_every_keep_prob
+
+REGULARIZERS = ("none", "dropout", "spatial_dropout", "dropblock")
+
+# Later stages see coarser, more semantic features; the authors drop 4x less in
+# the stage before the last one, and so on down the network.
+_STAGE_DROP_DECAY = 4.0
+
+
+def stage_keep_prob(keep_prob: ArrayLike, stages_from_last: int) -> jax.Array:
+    """The keep probability of a stage ``stages_from_last`` stages before the last.
+
+    ``1 - (1 - keep_prob) / 4 ** stages_from_last``: the last stage (0) uses
+    ``keep_prob`` itself, the one before it (1) drops a quarter as much.
+
+    Args:
+      keep_prob: keep probability of the last stage, in [0, 1]; may be traced.
+      stages_from_last: 0 for the last stage, 1 for the one before it, ...
+
+    Returns:
+      A float scalar in [0, 1].
+
+    Examples:
+      >>> from dropblock_jax.models import stage_keep_prob
+      >>> round(float(stage_keep_prob(0.9, 1)), 3)
+      0.975
+    """
+    keep = checked_probability("keep_prob", keep_prob)
+    return 1.0 - (1.0 - keep) / _STAGE_DROP_DECAY**stages_from_last
+
+
+def _check_args(regularizer, widths, blocks, regularized_stages, block_size):
+    if regularizer not in REGULARIZERS:
+        raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}.")
+    if len(widths) == 0 or any(not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"widths must be a non-empty sequence of positive ints, got {tuple(widths)!r}.")
+    if len(blocks) != len(widths) or any(not isinstance(b, int) or b < 1 for b in blocks):
+        raise ValueError(
+            f"blocks must give a positive int per stage ({len(widths)} stages), got {tuple(blocks)!r}."
+        )
+    if not isinstance(regularized_stages, int) or not 0 <= regularized_stages <= len(widths):
+        raise ValueError(
+            f"regularized_stages must be an int in [0, {len(widths)}] (the number of stages), "
+            f"got {regularized_stages!r}."
+        )
+    if isinstance(block_size, int):
+        sizes = (block_size,)
+    else:
+        sizes = tuple(block_size)
+    if any(not isinstance(k, int) or k < 1 for k in sizes):
+        raise ValueError(f"block_size must be a positive int or a tuple of them, got {block_size!r}.")
+
+
+def _make_drop(regularizer, keep_prob, block_size, rngs):
+    """The regularizing layer placed after a batch norm, or None."""
+    if regularizer == "none":
+        return None
+    if regularizer == "dropblock":
+        return DropBlock(float(keep_prob), block_size, rngs=rngs)
+    # nnx.Dropout branches in Python on its rate, so it gets a concrete float.
+    rate = 1.0 - float(keep_prob)
+    if regularizer == "dropout":
+        return nnx.Dropout(rate, rngs=rngs)
+    # SpatialDropout: one draw per (sample, channel), shared over H and W.
+    return nnx.Dropout(rate, broadcast_dims=(1, 2), rngs=rngs)
+
+
+def _apply(drop, x):
+    return x if drop is None else drop(x)
+
+
+class ResidualBlock(nnx.Module):
+    """A basic (two 3x3 convolutions) residual block with optional regularization.
+
+    Layout, as in the authors' ResNet: ``conv-bn-relu-drop``, ``conv-bn-drop``, a
+    projection shortcut ``conv1x1-bn-drop`` when the shape changes, then
+    ``relu(branch + shortcut)``. The second batch norm starts at zero scale, so each
+    block starts as the identity.
+
+    Args:
+      in_features: input channels.
+      out_features: output channels.
+      strides: stride of the first convolution and of the shortcut.
+      regularizer: one of ``"none"``, ``"dropout"``, ``"spatial_dropout"``,
+        ``"dropblock"``.
+      keep_prob: keep probability of the regularizer.
+      block_size: DropBlock's block size (ignored by the other regularizers).
+      bn_momentum: momentum of the batch norms' running statistics.
+      rngs: ``nnx.Rngs`` with ``params`` and, when regularized, ``dropout`` streams.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        strides: int = 1,
+        regularizer: str = "none",
+        keep_prob: float = 1.0,
+        block_size: int | tuple[int, ...] = 3,
+        bn_momentum: float = 0.9,
+        rngs: nnx.Rngs,
+    ):
+        conv = dict(use_bias=False, rngs=rngs)
+        self.conv1 = nnx.Conv(in_features, out_features, (3, 3), strides=strides, **conv)
+        self.bn1 = nnx.BatchNorm(out_features, momentum=bn_momentum, rngs=rngs)
+        self.drop1 = _make_drop(regularizer, keep_prob, block_size, rngs)
+        self.conv2 = nnx.Conv(out_features, out_features, (3, 3), **conv)
+        self.bn2 = nnx.BatchNorm(
+            out_features, momentum=bn_momentum, scale_init=nnx.initializers.zeros, rngs=rngs
+        )
+        self.drop2 = _make_drop(regularizer, keep_prob, block_size, rngs)
+        if strides != 1 or in_features != out_features:
+            self.proj = nnx.Conv(in_features, out_features, (1, 1), strides=strides, **conv)
+            self.proj_bn = nnx.BatchNorm(out_features, momentum=bn_momentum, rngs=rngs)
+            self.proj_drop = _make_drop(regularizer, keep_prob, block_size, rngs)
+        else:
+            self.proj = self.proj_bn = self.proj_drop = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shortcut = x
+        if self.proj is not None:
+            shortcut = _apply(self.proj_drop, self.proj_bn(self.proj(x)))
+        y = _apply(self.drop1, nnx.relu(self.bn1(self.conv1(x))))
+        y = _apply(self.drop2, self.bn2(self.conv2(y)))
+        return nnx.relu(y + shortcut)
+
+
+class ResNet(nnx.Module):
+    """A small ResNet for NHWC images, regularized where the DropBlock authors do it.
+
+    A 3x3 stem, then ``len(widths)`` stages of basic residual blocks (every stage
+    after the first halves the resolution), global average pooling and a linear
+    classifier. The last ``regularized_stages`` stages get the regularizer after each
+    batch norm and on the projection shortcut: the last stage with ``keep_prob``, the
+    one before it with ``1 - (1 - keep_prob) / 4`` (see :func:`stage_keep_prob`).
+    With the defaults this is the placement of the paper's ResNet-50 experiments
+    (DropBlock in groups 3 and 4).
+
+    ``model.train()`` / ``model.eval()`` switch batch norm and the regularizer
+    together. A keep_prob schedule goes through :meth:`set_keep_prob`, which keeps
+    the per-stage ratio and never retraces an ``nnx.jit`` function.
+
+    Args:
+      num_classes: number of output logits.
+      in_features: input channels.
+      widths: channels of each stage.
+      blocks: residual blocks in each stage.
+      regularizer: ``"none"``, ``"dropout"``, ``"spatial_dropout"`` (dropout with
+        one draw per channel, shared over H and W) or ``"dropblock"``.
+      keep_prob: keep probability of the last stage.
+      block_size: DropBlock's block size; clipped to each feature map.
+      regularized_stages: how many of the last stages are regularized.
+      bn_momentum: momentum of the batch norms' running statistics; the default
+        0.9 suits short trainings.
+      rngs: ``nnx.Rngs`` with ``params`` and ``dropout`` streams.
+
+    Raises:
+      ValueError: for an unknown regularizer or inconsistent stage arguments.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dropblock_jax.models import ResNet
+      >>> model = ResNet(10, widths=(8, 16), blocks=(1, 1), block_size=3,
+      ...                rngs=nnx.Rngs(params=0, dropout=1))
+      >>> model.set_keep_prob(0.8)  # e.g. each step, from optax.linear_schedule
+      >>> [round(float(k), 2) for k in model.keep_probs()]
+      [0.95, 0.8]
+      >>> model.eval()  # batch norm uses running averages, DropBlock is off
+      >>> model(jnp.ones((4, 16, 16, 1))).shape
+      (4, 10)
+
+    References:
+      Ghiasi, Lin, Le, "DropBlock: A regularization method for convolutional networks",
+      NeurIPS 2018 (arXiv 1810.12890), Section 4.1.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        in_features: int = 1,
+        widths: Sequence[int] = (16, 32, 64),
+        blocks: Sequence[int] = (1, 1, 1),
+        regularizer: str = "dropblock",
+        keep_prob: float = 0.9,
+        block_size: int | tuple[int, ...] = 3,
+        regularized_stages: int = 2,
+        bn_momentum: float = 0.9,
+        rngs: nnx.Rngs,
+    ):
+        widths, blocks = tuple(widths), tuple(blocks)
+        _check_args(regularizer, widths, blocks, regularized_stages, block_size)
+        checked_probability("keep_prob", keep_prob)
+        self.regularizer = regularizer
+        self.regularized_stages = regularized_stages
+        self.stem = nnx.Conv(in_features, widths[0], (3, 3), use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(widths[0], momentum=bn_momentum, rngs=rngs)
+        stages = []
+        features = widths[0]
+        for index, (width, count) in enumerate(zip(widths, blocks)):
+            from_last = len(widths) - 1 - index
+            regularized = from_last < regularized_stages
+            stage_keep = float(stage_keep_prob(keep_prob, from_last)) if regularized else 1.0
+            stage = []
+            for block in range(count):
+                stage.append(
+                    ResidualBlock(
+                        features,
+                        width,
+                        strides=2 if index > 0 and block == 0 else 1,
+                        regularizer=regularizer if regularized else "none",
+                        keep_prob=stage_keep,
+                        block_size=block_size,
+                        bn_momentum=bn_momentum,
+                        rngs=rngs,
+                    )
+                )
+                features = width
+            stages.append(nnx.List(stage))
+        self.stages = nnx.List(stages)
+        self.head = nnx.Linear(features, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.relu(self.stem_bn(self.stem(x)))
+        for stage in self.stages:
+            for block in stage:
+                x = block(x)
+        return self.head(jnp.mean(x, axis=(1, 2)))
+
+    def _regularized(self):
+        """(stage, stages_from_last) for every regularized stage."""
+        count = len(self.stages)
+        pairs = [(stage, count - 1 - i) for i, stage in enumerate(self.stages)]
+        return [(stage, from_last) for stage, from_last in pairs if from_last < self.regularized_stages]
+
+    def set_keep_prob(self, keep_prob: ArrayLike) -> None:
+        """Sets the last stage's DropBlock keep_prob; earlier stages follow the 1/4 rule.
+
+        Only DropBlock's keep_prob is data; for ``"dropout"`` and
+        ``"spatial_dropout"`` (whose rate ``nnx.Dropout`` keeps static) this raises.
+
+        Args:
+          keep_prob: the new keep probability of the last stage, in [0, 1].
+
+        Raises:
+          ValueError: when the model's regularizer is not ``"dropblock"``.
+        """
+        if self.regularizer != "dropblock":
+            raise ValueError(
+                f"set_keep_prob needs regularizer='dropblock', this model has regularizer="
+                f"{self.regularizer!r}; nnx.Dropout's rate is static and can only be set at construction."
+            )
+        for stage, from_last in self._regularized():
+            _set_every_keep_prob(stage, stage_keep_prob(keep_prob, from_last))
+
+    def keep_probs(self) -> list[jax.Array]:
+        """The DropBlock keep_prob of each regularized stage, earliest stage first.
+
+        Returns an empty list when the regularizer is not ``"dropblock"``.
+        """
+        probs = []
+        for stage, _ in self._regularized():
+            layers = [node for _, node in nnx.iter_graph(stage) if isinstance(node, DropBlock)]
+            if layers:
+                probs.append(layers[0].keep_prob[...])
+        return probs
