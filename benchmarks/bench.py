@@ -56,24 +56,36 @@ def _forward_backward(forward):
     return gradient
 
 
-class Measured:
-    """Compile time, temporary memory and median run time of one jitted function."""
+class Compiled:
+    """One jitted function, compiled, with its compile time and temporary memory."""
 
-    def __init__(self, function, key, x, repeats):
-        jitted = jax.jit(function)
-        args = (key, x)
+    def __init__(self, function, key, x):
+        self.args = (key, x)
         start = time.perf_counter()
-        compiled = jitted.lower(*args).compile()
+        self.compiled = jax.jit(function).lower(*self.args).compile()
         self.compile_s = time.perf_counter() - start
-        memory = compiled.memory_analysis()
-        self.temp_bytes = getattr(memory, "temp_size_in_bytes", float("nan"))
-        jax.block_until_ready(compiled(*args))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - start)
-        self.median_ms = statistics.median(times) * 1e3
+        self.temp_bytes = getattr(self.compiled.memory_analysis(), "temp_size_in_bytes", float("nan"))
+        jax.block_until_ready(self.compiled(*self.args))
+        self.times: list[float] = []
+
+    def time_once(self):
+        start = time.perf_counter()
+        jax.block_until_ready(self.compiled(*self.args))
+        self.times.append(time.perf_counter() - start)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times) * 1e3
+
+
+def measure(functions: dict, key, x, repeats: int) -> dict:
+    """Compiles every function, then times them round-robin, so that the machine's
+    slow phases fall on all of them alike and the ratios stay meaningful."""
+    compiled = {name: Compiled(function, key, x) for name, function in functions.items()}
+    for _ in range(repeats):
+        for entry in compiled.values():
+            entry.time_once()
+    return compiled
 
 
 def run(shapes, repeats: int) -> list[str]:
@@ -90,24 +102,27 @@ def run(shapes, repeats: int) -> list[str]:
         x = jax.random.normal(jax.random.key(1), shape, dtype)
         input_bytes = x.size * x.dtype.itemsize
         for pass_name, wrap in [("forward", lambda f: f), ("fwd+bwd", _forward_backward)]:
-            dropout = Measured(wrap(_dropout), key, x, repeats)
-            floor = Measured(wrap(_elementwise), key, x, repeats)
-            rows = [("nn.Dropout(0.1)", dropout), ("x * 2", floor)]
-            for masks, dims in [("per-channel", ()), ("shared (-1,)", (-1,))]:
-                rows.append((f"DropBlock {masks}", Measured(wrap(_drop_block(dims)), key, x, repeats)))
-            for name, m in rows:
+            functions = {
+                "nn.Dropout(0.1)": _dropout,
+                "x * 2": _elementwise,
+                "DropBlock per-channel": _drop_block(()),
+                "DropBlock shared (-1,)": _drop_block((-1,)),
+            }
+            measured = measure({name: wrap(f) for name, f in functions.items()}, key, x, repeats)
+            dropout, floor = measured["nn.Dropout(0.1)"], measured["x * 2"]
+            for name, m in measured.items():
                 lines.append(
                     f"| {shape} | {dtype} | {name} | {pass_name} | {m.median_ms:.2f} | "
                     f"{m.median_ms / dropout.median_ms:.3f} | {m.median_ms / floor.median_ms:.2f} | "
                     f"{m.temp_bytes / input_bytes:.2f} | {m.compile_s:.2f} |"
                 )
-            print("\n".join(lines[-len(rows):]), flush=True)
+            print("\n".join(lines[-len(measured):]), flush=True)
     return lines
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15, help="timed calls per entry (median)")
+    parser.add_argument("--repeats", type=int, default=25, help="timed calls per entry (median)")
     parser.add_argument(
         "--shapes",
         type=lambda text: [(tuple(int(n) for n in text.split(",")), "float32")],

@@ -6,12 +6,13 @@ Three things make the mask cheaper than plain dropout's, with the same statistic
 block 7) almost every seed is zero. Instead of one random number per position, each
 row of the seed grid draws the gaps between consecutive seeds, which are geometric
 (inverse-CDF sampling of a uniform), and scatters the seeds at the resulting
-positions: a fixed number of draws per row, ``1 / SPARSE_FRACTION`` of its length.
-The number of draws is static, so a row could in principle need more; this path is
-taken only when ``gamma`` is small enough that this has probability below ``2 ** -64``
-per row (a Chernoff bound), and otherwise every position draws 32 random bits. Both
-paths sample the same distribution; they produce different bits for the same key, and
-which one runs depends on the arguments only, so a key always gives the same mask.
+positions: a fixed number of draws per row, a fraction of its length. The number of
+draws is static, so a row could in principle need more; a sparse tier is taken only
+when ``gamma`` is small enough that this has probability below ``2 ** -64`` per row (a
+Chernoff bound), the cheapest such tier, and above every tier's limit each position
+draws 32 random bits. All paths sample the same distribution; they produce different
+bits for the same key, and which one runs depends on the arguments only, so a key
+always gives the same mask.
 
 *Packed flags.* Seeds, and the dropped flags they dilate into, are kept 8 to a byte
 along one non-spatial axis (the channels, or the batch when channels share a mask).
@@ -28,6 +29,7 @@ scatters its seeds locally on each device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -38,8 +40,10 @@ from jax import lax
 from dropblock_jax._geometry import MaskLayout
 
 FLAGS_PER_BYTE = 8
-# One draw per SPARSE_FRACTION positions of a row.
-SPARSE_FRACTION = 32
+# Sparse tiers: one draw per `fraction` positions of a row, the cheapest tier whose
+# seed rate limit admits gamma is used. 1/64 covers keep_prob 0.9 with blocks of 5 or
+# more on maps of 14 and more; 1/16 covers blocks of 3 and keep_prob down to ~0.7.
+SPARSE_FRACTIONS = (64, 16)
 # Rows of at most this many positions (int32 positions never overflow) and at least
 # MIN_SPARSE_ROW (shorter rows concentrate too little to gain from sparsity).
 MAX_ROW = 1 << 16
@@ -142,15 +146,16 @@ def bernoulli_seed_bytes(key: jax.Array, shape: tuple[int, ...], gamma: jax.Arra
     flags = length * FLAGS_PER_BYTE
     if flags < MIN_SPARSE_ROW:
         return _dense_seed_bytes(key, rows, length, gamma).reshape(shape)
-    draws = -(-flags // SPARSE_FRACTION)
-    limit = sparse_gamma_limit(flags, draws)
     sparse_key, dense_key = jax.random.split(key)
-    seeds = lax.cond(
-        gamma <= limit,
-        lambda: _sparse_seed_bytes(sparse_key, rows, length, draws, gamma),
-        lambda: _dense_seed_bytes(dense_key, rows, length, gamma),
-    )
-    return seeds.reshape(shape)
+    limits, branches = [], []
+    for fraction in SPARSE_FRACTIONS:
+        draws = -(-flags // fraction)
+        limits.append(sparse_gamma_limit(flags, draws))
+        branches.append(functools.partial(_sparse_seed_bytes, sparse_key, rows, length, draws))
+    branches.append(functools.partial(_dense_seed_bytes, dense_key, rows, length))
+    # The first tier whose limit admits gamma: limits grow with the number of draws.
+    tier = jnp.sum(gamma > jnp.asarray(limits, jnp.float32), dtype=jnp.int32)
+    return lax.switch(tier, branches, gamma).reshape(shape)
 
 
 def _pack_axis(layout: MaskLayout) -> int:

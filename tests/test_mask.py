@@ -173,13 +173,16 @@ def test_broadcast_dims():
 
 
 def test_sparse_and_dense_seed_paths_agree_in_distribution():
-    # A long row takes the geometric-gap path at small gamma and the dense path above
-    # the limit; both must give independent Bernoulli(gamma) flags, uniform over positions.
+    # A long row takes a geometric-gap tier at small gamma and the dense path above the
+    # last tier's limit; all must give independent Bernoulli(gamma) flags, uniform over
+    # positions.
     shape = (64, 1024)  # bytes: rows of 8192 flags
     flags = 1024 * 8
-    limit = _mask.sparse_gamma_limit(flags, flags // _mask.SPARSE_FRACTION)
+    limits = [_mask.sparse_gamma_limit(flags, flags // fraction) for fraction in _mask.SPARSE_FRACTIONS]
     keys = jax.random.split(jax.random.key(5), 16)
-    for gamma in [limit * 0.5, limit * 0.999, limit * 1.5]:
+    # Inside and at the edge of every sparse tier, and past the last one (dense).
+    gammas = [limit * factor for limit in limits for factor in (0.5, 0.999)] + [limits[-1] * 1.5]
+    for gamma in gammas:
         packed = jax.vmap(lambda k: _mask.bernoulli_seed_bytes(k, shape, jnp.float32(gamma)))(keys)
         seeds = _unpack(packed, 2, flags).reshape(-1, flags).astype(np.float64)
         assert_mean_matches(seeds.mean(axis=1), np.float32(gamma))
