@@ -19,6 +19,15 @@ from dropblock_jax._mask import check_key, packed_block_mask
 from dropblock_jax._rates import checked_probability, concrete_value, gamma_for, keep_fraction
 
 
+# The keyword options of drop_block that a layer holds as attributes of the same names.
+LAYER_OPTIONS = ("spatial_axes", "broadcast_dims", "seed_region", "gamma", "normalize", "axis_name")
+
+
+def layer_options(layer) -> dict:
+    """The drop_block keyword options a layer holds, by name."""
+    return {name: getattr(layer, name) for name in LAYER_OPTIONS}
+
+
 def _layout(shape, block_size, spatial_axes, broadcast_dims, seed_region, gamma) -> MaskLayout:
     check_choice("gamma", gamma, GAMMA_MODES)
     return mask_layout(shape, block_size, spatial_axes, broadcast_dims, seed_region)

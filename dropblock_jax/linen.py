@@ -8,7 +8,7 @@ import jax
 from flax import linen as nn
 from jax.typing import ArrayLike
 
-from dropblock_jax._functional import drop_block
+from dropblock_jax._functional import drop_block, layer_options
 
 
 class DropBlock(nn.Module):
@@ -78,15 +78,5 @@ class DropBlock(nn.Module):
             return inputs
         if rng is None:
             rng = self.make_rng(self.rng_collection)
-        return drop_block(
-            rng,
-            inputs,
-            self.keep_prob if keep_prob is None else keep_prob,
-            self.block_size,
-            spatial_axes=self.spatial_axes,
-            broadcast_dims=self.broadcast_dims,
-            seed_region=self.seed_region,
-            gamma=self.gamma,
-            normalize=self.normalize,
-            axis_name=self.axis_name,
-        )
+        keep = self.keep_prob if keep_prob is None else keep_prob
+        return drop_block(rng, inputs, keep, self.block_size, **layer_options(self))

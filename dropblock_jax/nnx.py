@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from dropblock_jax._functional import drop_block
+from dropblock_jax._functional import drop_block, layer_options
 from dropblock_jax._rates import checked_probability
 
 
@@ -104,18 +104,8 @@ class DropBlock(nnx.Module):
         if self.deterministic if deterministic is None else deterministic:
             return inputs
         key = self._key(rngs)
-        return drop_block(
-            key,
-            inputs,
-            self.keep_prob[...] if keep_prob is None else keep_prob,
-            self.block_size,
-            spatial_axes=self.spatial_axes,
-            broadcast_dims=self.broadcast_dims,
-            seed_region=self.seed_region,
-            gamma=self.gamma,
-            normalize=self.normalize,
-            axis_name=self.axis_name,
-        )
+        keep = self.keep_prob[...] if keep_prob is None else keep_prob
+        return drop_block(key, inputs, keep, self.block_size, **layer_options(self))
 
     def _key(self, rngs) -> jax.Array:
         rngs = self.rngs if rngs is None else rngs
