@@ -115,7 +115,8 @@ def drop_block(
         (and over ``axis_name``); ``"expected"`` by ``1 / expected_keep_fraction``;
         ``"none"`` does not scale.
       axis_name: a mapped axis name (``vmap``, ``pmap``, ``shard_map``) over which
-        ``"batch"`` normalization sums its counts.
+        ``"batch"`` normalization sums its counts; the other modes need no
+        communication and ignore it.
 
     Returns:
       An array of ``x``'s shape and dtype.
@@ -144,8 +145,6 @@ def drop_block(
     keep = checked_probability("keep_prob", keep_prob)
     layout = _layout(x.shape, block_size, spatial_axes, broadcast_dims, seed_region, gamma)
     check_choice("normalize", normalize, NORMALIZE_MODES)
-    if axis_name is not None and normalize != "batch":
-        raise ValueError(f'axis_name is only used with normalize="batch", got normalize={normalize!r}.')
     if x.size == 0 or concrete_value(keep_prob) == 1.0:
         return x
     return _drop_block(key, x, keep, layout, gamma, normalize, axis_name)

@@ -171,3 +171,14 @@ def test_vmap_with_axis_name_normalizes_over_the_mapped_axis():
 def test_empty_batch_returns_input():
     x = jnp.ones((0, 8, 8, 3))
     assert db.drop_block(jax.random.key(0), x, 0.9, 3).shape == (0, 8, 8, 3)
+
+
+def test_axis_name_is_ignored_by_the_modes_that_need_no_counts():
+    ones = jnp.ones((4, 12, 12, 3))
+    keys = jax.random.split(jax.random.key(0), 4)
+    for normalize in ["expected", "none"]:
+        with_name = jax.vmap(
+            lambda k, xi: db.drop_block(k, xi, 0.7, 3, normalize=normalize, axis_name="batch"), axis_name="batch"
+        )(keys, ones)
+        without = jax.vmap(lambda k, xi: db.drop_block(k, xi, 0.7, 3, normalize=normalize))(keys, ones)
+        np.testing.assert_array_equal(with_name, without)
