@@ -15,7 +15,7 @@ from dropblock_jax._geometry import (
     check_choice,
     mask_layout,
 )
-from dropblock_jax._mask import check_key, packed_block_mask
+from dropblock_jax._mask import COUNT_LOW_BITS, PackedMask, check_key, packed_block_mask
 from dropblock_jax._rates import checked_probability, concrete_value, gamma_for, keep_fraction
 
 
@@ -54,18 +54,36 @@ def _block_mask(key, keep, layout: MaskLayout, gamma: str):
     return jnp.broadcast_to(mask.kept(), layout.shape)
 
 
+def _from_parts(high: jax.Array, low: jax.Array, dtype) -> jax.Array:
+    return high.astype(dtype) * (1 << COUNT_LOW_BITS) + low.astype(dtype)
+
+
+def _batch_scale(mask: PackedMask, axis_name, dtype) -> jax.Array:
+    """``count / count_kept`` of the mask, over ``axis_name`` too; 0 when nothing is kept.
+
+    Both counts are exact integers (the mask's broadcast axes cancel out of the
+    ratio). The ratio is formed in ``dtype``, float32 or wider, never float16: each
+    count is rounded once to ``dtype`` and then divided, so the scale's relative error
+    is at most three units in the last place (``3 * 2**-24`` in float32), and one
+    (the division's rounding) while the counts are below ``2**24``.
+    """
+    kept_high, kept_low = mask.count_kept()
+    total_high, total_low = (jnp.int32(part) for part in divmod(mask.num_entries, 1 << COUNT_LOW_BITS))
+    if axis_name is not None:
+        kept_high, kept_low, total_high, total_low = jax.lax.psum(
+            (kept_high, kept_low, total_high, total_low), axis_name
+        )
+    kept = _from_parts(kept_high, kept_low, dtype)
+    total = _from_parts(total_high, total_low, dtype)
+    return jnp.where(kept > 0, total / jnp.maximum(kept, 1.0), 0.0)
+
+
 @functools.partial(jax.jit, static_argnames=("layout", "gamma", "normalize", "axis_name"))
 def _drop_block(key, x, keep, layout: MaskLayout, gamma: str, normalize: str, axis_name):
     mask, seed_gamma = _mask_and_gamma(key, keep, layout, gamma)
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     if normalize == "batch":
-        # Counts are exact integers; the ratio is formed in float32 or wider, so
-        # float16 inputs of any size keep a correct scale.
-        kept_count = mask.count_kept().astype(compute_dtype) * layout.broadcast_factor
-        total = jnp.asarray(x.size, compute_dtype)
-        if axis_name is not None:
-            kept_count, total = jax.lax.psum((kept_count, total), axis_name)
-        scale = jnp.where(kept_count > 0, total / jnp.maximum(kept_count, 1.0), 0.0)
+        scale = _batch_scale(mask, axis_name, compute_dtype)
     elif normalize == "expected":
         expected = keep_fraction(seed_gamma, layout.geometry).astype(compute_dtype)
         scale = jnp.where(expected > 0, 1.0 / jnp.where(expected > 0, expected, 1.0), 0.0)

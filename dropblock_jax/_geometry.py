@@ -219,11 +219,6 @@ class MaskLayout:
             shape[axis] = n
         return tuple(shape)
 
-    @property
-    def broadcast_factor(self) -> int:
-        """How many array elements each mask element stands for."""
-        return int(np.prod([self.shape[a] for a in self.broadcast_dims], dtype=np.int64))
-
 
 def mask_layout(shape, block_size, spatial_axes, broadcast_dims, seed_region: str) -> MaskLayout:
     """Checks the array-level arguments and returns the static layout."""

@@ -1,18 +1,11 @@
 """Block masks: Bernoulli seeds on the seed grid, dilated into blocks, 8 flags a byte.
 
-Three things make the mask cheaper than plain dropout's, with the same statistics.
-
-*Few random numbers.* At the rates DropBlock uses (gamma ~ 0.003 for keep_prob 0.9 and
-block 7) almost every seed is zero. Instead of one random number per position, each
-row of the seed grid draws the gaps between consecutive seeds, which are geometric
-(inverse-CDF sampling of a uniform), and scatters the seeds at the resulting
-positions: a fixed number of draws per row, a fraction of its length. The number of
-draws is static, so a row could in principle need more; a sparse tier is taken only
-when ``gamma`` is small enough that this has probability below ``2 ** -64`` per row (a
-Chernoff bound), the cheapest such tier, and above every tier's limit each position
-draws 32 random bits. All paths sample the same distribution; they produce different
-bits for the same key, and which one runs depends on the arguments only, so a key
-always gives the same mask.
+*Random bits.* Every seed flag compares 32 bits of :func:`position_bits`, a keyed hash
+of its position, with ``gamma * 2**32``. The hash is elementwise, so it fuses into the
+pass that packs the flags, compiles to a few instructions (threefry's kernel costs
+~0.2 s of compile time at each call site) and, depending on the global position only,
+gives a sharded array the one-device flags with no communication. There is one path
+for every ``keep_prob``: no branch, traced or not.
 
 *Packed flags.* Seeds, and the dropped flags they dilate into, are kept 8 to a byte
 along one non-spatial axis (the channels, or the batch when channels share a mask).
@@ -21,15 +14,11 @@ byte at once, on an eighth of the bytes, and the full-size mask never exists in 
 it is unpacked inside the fused pass that applies it.
 
 *Separable pooling.* One 1-D ``lax.reduce_window`` per spatial axis.
-
-Rows are the leading axes of the packed grid, so a batch-sharded array draws and
-scatters its seeds locally on each device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -38,18 +27,16 @@ import numpy as np
 from jax import lax
 
 from dropblock_jax._geometry import MaskLayout
+from dropblock_jax._random import position_bits
 
 FLAGS_PER_BYTE = 8
-# Sparse tiers: one draw per `fraction` positions of a row, the cheapest tier whose
-# seed rate limit admits gamma is used. 1/64 covers keep_prob 0.9 with blocks of 5 or
-# more on maps of 14 and more; 1/16 covers blocks of 3 and keep_prob down to ~0.7.
-SPARSE_FRACTIONS = (64, 16)
-# Rows of at most this many positions (int32 positions never overflow) and at least
-# MIN_SPARSE_ROW (shorter rows concentrate too little to gain from sparsity).
-MAX_ROW = 1 << 16
-MIN_SPARSE_ROW = 1 << 11
-# Probability, per row, that the sparse path would need more draws than it has.
-OVERFLOW_LOG_PROBABILITY = -64 * math.log(2)
+# Counts are exact integers held in two int32 parts, ``high * 2**16 + low``. int32 sums
+# are exact below 2**31, so larger masks are counted in parts of fewer than 2**31
+# entries, one full reduction each (a scalar all-reduce under sharding), and the parts
+# are split into 16-bit halves before they are added up.
+COUNT_LOW_BITS = 16
+_MAX_PART_ENTRIES = (1 << 31) - 1
+MAX_MASK_ENTRIES = 1 << 40
 
 
 def check_key(key) -> jax.Array:
@@ -72,38 +59,6 @@ def check_key(key) -> jax.Array:
     )
 
 
-def _rows_and_length(shape: tuple[int, ...], max_length: int) -> tuple[int, int]:
-    """Splits ``shape`` at an axis boundary into (leading product, trailing product <= max_length)."""
-    for split in range(len(shape) + 1):
-        length = math.prod(shape[split:])
-        if length <= max_length:
-            return math.prod(shape[:split]), length
-    raise AssertionError("unreachable: the empty trailing product is 1")
-
-
-def _log_binomial_tail_bound(length: int, draws: int, gamma: float) -> float:
-    """Chernoff bound on log P(Binomial(length, gamma) > draws)."""
-    a = (draws + 1) / length
-    if a >= 1.0:
-        return -math.inf
-    if gamma <= 0.0 or gamma >= a:
-        return 0.0
-    relative_entropy = a * math.log(a / gamma) + (1 - a) * math.log((1 - a) / (1 - gamma))
-    return -length * relative_entropy
-
-
-def sparse_gamma_limit(length: int, draws: int) -> float:
-    """Largest gamma whose overflow probability per row stays below the bound."""
-    low, high = 0.0, (draws + 1) / length
-    for _ in range(60):
-        mid = 0.5 * (low + high)
-        if _log_binomial_tail_bound(length, draws, mid) <= OVERFLOW_LOG_PROBABILITY:
-            low = mid
-        else:
-            high = mid
-    return low
-
-
 def _pack_along_last_axis(flags: jax.Array) -> jax.Array:
     """(..., 8 * n) zeros and ones -> (..., n) bytes, flag ``i`` of a byte in bit ``i``."""
     grouped = flags.reshape(*flags.shape[:-1], -1, FLAGS_PER_BYTE).astype(jnp.uint8)
@@ -111,51 +66,13 @@ def _pack_along_last_axis(flags: jax.Array) -> jax.Array:
     return jnp.sum(grouped * weights, axis=-1, dtype=jnp.uint8)
 
 
-def _dense_seed_bytes(key: jax.Array, rows: int, length: int, gamma: jax.Array) -> jax.Array:
-    # Drawn as a matrix: XLA compiles threefry on a high-rank shape several times slower.
-    bits = jax.random.bits(key, (rows, length * FLAGS_PER_BYTE), jnp.uint32)
+def bernoulli_seed_bytes(key: jax.Array, shape: tuple[int, ...], gamma: jax.Array) -> jax.Array:
+    """Bytes of ``shape`` holding 8 independent Bernoulli(``gamma``) flags each."""
+    bits = position_bits(key, (*shape[:-1], shape[-1] * FLAGS_PER_BYTE))
     # Compare 32-bit integers against gamma * 2**32: no float conversion per position.
     threshold = jnp.floor(gamma.astype(jnp.float32) * np.float32(2.0**32))
     threshold = jnp.minimum(threshold, np.float32(2.0**32 - 256)).astype(jnp.uint32)
     return _pack_along_last_axis((bits < threshold) | (gamma >= 1.0))
-
-
-def _sparse_seed_bytes(key: jax.Array, rows: int, length: int, draws: int, gamma: jax.Array) -> jax.Array:
-    flags = length * FLAGS_PER_BYTE
-    bits = jax.random.bits(key, (rows, draws), jnp.uint32)
-    # Midpoints of a 2**-24 grid: uniform on the open interval (0, 1), exactly representable.
-    uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * np.float32(2.0**-24)
-    log_survive = jnp.log1p(-gamma.astype(jnp.float32))
-    # Gap - 1 ~ Geometric(gamma) on {0, 1, ...}: P(gap - 1 >= m) = (1 - gamma) ** m.
-    gaps = jnp.floor(jnp.log(uniform) / jnp.minimum(log_survive, -np.float32(1e-30))) + 1.0
-    # A gap past the row already leaves it; clipping keeps the int32 cumsum exact.
-    gaps = jnp.minimum(gaps, np.float32(flags + 1)).astype(jnp.int32)
-    positions = jnp.cumsum(gaps, axis=1) - 1
-    # Positions strictly increase, so the bits added to one byte are distinct: add is or.
-    flag_bits = jnp.left_shift(jnp.uint8(1), (positions % FLAGS_PER_BYTE).astype(jnp.uint8))
-
-    def scatter_row(byte_index, row_bits):
-        return jnp.zeros((length,), jnp.uint8).at[byte_index].add(row_bits, mode="drop")
-
-    return jax.vmap(scatter_row)(positions // FLAGS_PER_BYTE, flag_bits)
-
-
-def bernoulli_seed_bytes(key: jax.Array, shape: tuple[int, ...], gamma: jax.Array) -> jax.Array:
-    """Bytes of ``shape`` holding 8 independent Bernoulli(``gamma``) flags each."""
-    rows, length = _rows_and_length(shape, MAX_ROW // FLAGS_PER_BYTE)
-    flags = length * FLAGS_PER_BYTE
-    if flags < MIN_SPARSE_ROW:
-        return _dense_seed_bytes(key, rows, length, gamma).reshape(shape)
-    sparse_key, dense_key = jax.random.split(key)
-    limits, branches = [], []
-    for fraction in SPARSE_FRACTIONS:
-        draws = -(-flags // fraction)
-        limits.append(sparse_gamma_limit(flags, draws))
-        branches.append(functools.partial(_sparse_seed_bytes, sparse_key, rows, length, draws))
-    branches.append(functools.partial(_dense_seed_bytes, dense_key, rows, length))
-    # The first tier whose limit admits gamma: limits grow with the number of draws.
-    tier = jnp.sum(gamma > jnp.asarray(limits, jnp.float32), dtype=jnp.int32)
-    return lax.switch(tier, branches, gamma).reshape(shape)
 
 
 def _pack_axis(layout: MaskLayout) -> int:
@@ -192,16 +109,55 @@ class PackedMask:
         bit = (np.arange(self.size) % FLAGS_PER_BYTE).astype(np.uint8).reshape(bit_shape)
         return ((repeated >> bit) & 1 == 0).reshape(self.mask_shape)
 
-    def count_kept(self) -> jax.Array:
-        """Number of kept entries, as int32."""
+    @property
+    def num_entries(self) -> int:
+        """Number of entries of the unpacked mask."""
+        return math.prod(self.mask_shape)
+
+    def count_kept(self) -> tuple[jax.Array, jax.Array]:
+        """Number of kept entries, exact, as int32 ``(high, low)``: ``high * 2**16 + low``.
+
+        Raises:
+          ValueError: for masks of ``2**40`` entries or more.
+        """
+        if self.num_entries >= MAX_MASK_ENTRIES:
+            raise ValueError(f"masks of fewer than 2**40 entries are supported, got shape {self.mask_shape}.")
         valid_shape = [1] * self.dropped_bits.ndim
         valid_shape[self.axis] = self.dropped_bits.shape[self.axis]
         entries = np.arange(self.dropped_bits.shape[self.axis] * FLAGS_PER_BYTE).reshape(-1, FLAGS_PER_BYTE)
         valid = np.sum((entries < self.size) << np.arange(FLAGS_PER_BYTE), axis=1).astype(np.uint8)
         dropped = lax.population_count(self.dropped_bits & valid.reshape(valid_shape))
-        total = self.dropped_bits.size // self.dropped_bits.shape[self.axis] * self.size
-        # A plain full reduction: under sharding it is a local sum and a scalar all-reduce.
-        return jnp.int32(total) - jnp.sum(dropped, dtype=jnp.int32)
+        parts = [jnp.sum(part, dtype=jnp.int32) for part in _parts_below(dropped, _MAX_PART_ENTRIES // FLAGS_PER_BYTE)]
+        low_mask = (1 << COUNT_LOW_BITS) - 1
+        dropped_high = sum(part >> COUNT_LOW_BITS for part in parts)
+        dropped_low = sum(part & low_mask for part in parts)
+        total_high, total_low = divmod(self.num_entries, 1 << COUNT_LOW_BITS)
+        return jnp.int32(total_high) - dropped_high, jnp.int32(total_low) - dropped_low
+
+
+def _parts_below(values: jax.Array, max_size: int) -> list[jax.Array]:
+    """``values`` as arrays of its shape, zero outside parts of at most ``max_size`` elements.
+
+    The parts are ranges of the leading axes, selected by an ``iota`` comparison, so
+    nothing is sliced or moved: a sharded array stays where it is.
+    """
+    if values.size <= max_size:
+        return [values]
+    shape = values.shape
+    split = next(s for s in range(len(shape) + 1) if math.prod(shape[s:]) <= max_size)
+    leading = math.prod(shape[:split])
+    if split == 0 or leading >= 1 << 32:
+        raise ValueError(f"an array of shape {shape} cannot be counted in parts.")
+    rows_per_part = max_size // math.prod(shape[split:])
+    row = sum(
+        lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(math.prod(shape[axis + 1 : split]))
+        for axis in range(split)
+    )
+    zero = jnp.zeros((), values.dtype)
+    return [
+        jnp.where((row >= start) & (row < min(start + rows_per_part, leading)), values, zero)
+        for start in range(0, leading, rows_per_part)
+    ]
 
 
 def packed_block_mask(key: jax.Array, layout: MaskLayout, gamma: jax.Array) -> PackedMask:

@@ -24,17 +24,14 @@ from dropblock_jax import DropBlock, block_mask, drop_block
 
 DEVICES = 4
 AXIS = "data"
-# (name, shape, drop_block keyword arguments). The (8, 8, 8, 4) maps are small enough for
-# the seed sampler to draw them as one dense row. The (8, 32, 32, 16) ones are drawn as one
-# row per sample (the layout of real feature maps), and with channels shared as one long
-# row; at keep_prob 0.95 their seed rate is low enough for the sparse (scatter) sampler,
-# at 0.8 they take the dense one.
+# (name, shape, drop_block keyword arguments): small maps, maps of the size of real
+# feature maps, low and high seed rates, channels shared.
 CASES = [
     ("batch_dense", (8, 8, 8, 4), dict(keep_prob=0.8, normalize="batch")),
     ("expected_dense", (8, 8, 8, 4), dict(keep_prob=0.8, normalize="expected")),
-    ("batch_rows_dense", (8, 32, 32, 16), dict(keep_prob=0.8, normalize="batch")),
-    ("batch_rows_sparse", (8, 32, 32, 16), dict(keep_prob=0.95, normalize="batch")),
-    ("expected_rows_sparse", (8, 32, 32, 16), dict(keep_prob=0.95, normalize="expected")),
+    ("batch_maps", (8, 32, 32, 16), dict(keep_prob=0.8, normalize="batch")),
+    ("batch_maps_low_rate", (8, 32, 32, 16), dict(keep_prob=0.95, normalize="batch")),
+    ("expected_maps_low_rate", (8, 32, 32, 16), dict(keep_prob=0.95, normalize="expected")),
     ("batch_shared_channels", (8, 32, 32, 16), dict(keep_prob=0.95, normalize="batch", broadcast_dims=(-1,))),
     ("calibrated_everywhere", (8, 8, 8, 4), dict(keep_prob=0.8, normalize="expected", gamma="calibrated", seed_region="everywhere")),
 ]
@@ -121,6 +118,22 @@ def check_sharded_equals_one_device() -> dict:
                     "output_sharding_kept": bool(y_sharded.sharding.is_equivalent_to(x.sharding, x.ndim)),
                 }
     return results
+
+
+def check_past_2_to_the_31_units() -> dict:
+    """Programs on a global array of 3.3e9 units, sharded, compiled (nothing allocated)."""
+    big = (4096, 56, 56, 256)
+    programs = {}
+    for layout, sharding in _layouts().items():
+        x = jax.ShapeDtypeStruct(big, jnp.bfloat16, sharding=sharding)
+        for normalize, broadcast_dims in [("batch", ()), ("batch", (-1,)), ("expected", ())]:
+            fn = jax.jit(lambda k, x, kp: drop_block(k, x, kp, 7, broadcast_dims=broadcast_dims, normalize=normalize))
+            collectives = _collectives(fn.lower(jax.random.key(0), x, jnp.float32(0.9)).compile().as_text())
+            programs[f"{normalize}{broadcast_dims}/{layout}"] = {
+                "forbidden": collectives["forbidden"],
+                "all_reduce_scalar": [_is_scalar_shape(s) for s in collectives["all_reduce_shapes"]],
+            }
+    return {"programs": programs}
 
 
 def check_hlo_parser_control() -> dict:
@@ -275,6 +288,7 @@ def check_data_parallel_training_step() -> dict:
 CHECKS = [
     check_hlo_parser_control,
     check_sharded_equals_one_device,
+    check_past_2_to_the_31_units,
     check_shard_map_batch_normalization,
     check_per_device_keys,
     check_data_parallel_training_step,

@@ -172,29 +172,35 @@ def test_broadcast_dims():
     assert len({shared_batch[0, ..., c].tobytes() for c in range(5)}) == 5
 
 
-def test_sparse_and_dense_seed_paths_agree_in_distribution():
-    # A long row takes a geometric-gap tier at small gamma and the dense path above the
-    # last tier's limit; all must give independent Bernoulli(gamma) flags, uniform over
-    # positions.
-    shape = (64, 1024)  # bytes: rows of 8192 flags
+@pytest.mark.parametrize("gamma", [0.0004, 0.003, 0.05, 0.4])
+def test_seed_flags_are_independent_bernoulli_over_positions_bits_and_keys(gamma):
+    shape = (64, 1024)  # bytes: 64 rows of 8192 flags
     flags = 1024 * 8
-    limits = [_mask.sparse_gamma_limit(flags, flags // fraction) for fraction in _mask.SPARSE_FRACTIONS]
     keys = jax.random.split(jax.random.key(5), 16)
-    # Inside and at the edge of every sparse tier, and past the last one (dense).
-    gammas = [limit * factor for limit in limits for factor in (0.5, 0.999)] + [limits[-1] * 1.5]
-    for gamma in gammas:
-        packed = jax.vmap(lambda k: _mask.bernoulli_seed_bytes(k, shape, jnp.float32(gamma)))(keys)
-        seeds = _unpack(packed, 2, flags).reshape(-1, flags).astype(np.float64)
-        assert_mean_matches(seeds.mean(axis=1), np.float32(gamma))
-        # Variance of a row's seed count is binomial: flags * gamma * (1 - gamma).
-        ratio = seeds.sum(axis=1).var(ddof=1) / (flags * gamma * (1 - gamma))
-        assert 0.8 < ratio < 1.25, ratio
-        # Uniform over positions: every bit of a byte, and both ends of a row, see gamma.
-        standard_error = np.sqrt(gamma * (1 - gamma) / (seeds.size / 8))
-        per_bit = seeds.reshape(seeds.shape[0], -1, 8).mean(axis=(0, 1))
-        assert np.abs(per_bit - gamma).max() < 5 * standard_error, per_bit
-        first, last = seeds[:, : flags // 8].mean(), seeds[:, -flags // 8 :].mean()
-        assert abs(first - last) < 5 * np.sqrt(2) * standard_error
+    packed = jax.vmap(lambda k: _mask.bernoulli_seed_bytes(k, shape, jnp.float32(gamma)))(keys)
+    seeds = _unpack(packed, 2, flags).reshape(-1, flags).astype(np.float64)
+    assert_mean_matches(seeds.mean(axis=1), np.float32(gamma))
+    # Variance of a row's seed count is binomial: flags * gamma * (1 - gamma).
+    ratio = seeds.sum(axis=1).var(ddof=1) / (flags * gamma * (1 - gamma))
+    assert 0.8 < ratio < 1.25, ratio
+    # Uniform over positions: every bit of a byte, and both ends of a row, see gamma.
+    standard_error = np.sqrt(gamma * (1 - gamma) / (seeds.size / 8))
+    per_bit = seeds.reshape(seeds.shape[0], -1, 8).mean(axis=(0, 1))
+    assert np.abs(per_bit - gamma).max() < 5 * standard_error, per_bit
+    first, last = seeds[:, : flags // 8].mean(), seeds[:, -flags // 8 :].mean()
+    assert abs(first - last) < 5 * np.sqrt(2) * standard_error
+    # Independent neighbours (next flag, next row) and keys: pairs fire at gamma ** 2.
+    by_key = seeds.reshape(len(keys), -1, flags)
+    pairs = {
+        "next flag": (by_key[:, :, 1:], by_key[:, :, :-1]),
+        "next row": (by_key[:, 1:], by_key[:, :-1]),
+        "next key": (by_key[1:], by_key[:-1]),
+    }
+    for name, (a, b) in pairs.items():
+        both = (a * b).ravel()
+        expected = np.float32(gamma) ** 2
+        tolerance = 5 * np.sqrt(expected * (1 - expected) / both.size) + 1e-6
+        assert abs(both.mean() - expected) < tolerance, (name, both.mean(), expected)
 
 
 def test_packed_mask_counts_only_real_entries():

@@ -88,6 +88,15 @@ def test_batch_normalization_all_reduces_only_scalars(results):
         assert all(program["all_reduce_scalar"]), (layout, program["all_reduce_shapes"])
 
 
+def test_arrays_past_2_to_the_31_units_shard_without_activation_sized_collectives(results):
+    programs = _check(results, "check_past_2_to_the_31_units")["programs"]
+    assert len(programs) == 9
+    for name, program in programs.items():
+        assert not any(program["forbidden"].values()), (name, program["forbidden"])
+        assert all(program["all_reduce_scalar"]), name
+        assert bool(program["all_reduce_scalar"]) == name.startswith("batch"), name
+
+
 def test_shard_map_axis_name_gives_the_global_batch_normalization(results):
     result = _check(results, "check_shard_map_batch_normalization")
     assert result["same_mask_both_ways"]
