@@ -21,6 +21,7 @@ with JAX's caches cleared before each row and no persistent cache; XLA's cost an
 ("bytes accessed", "flops"); the compiled temporary memory; the step time, median and
 minimum over ``--rounds`` rounds that each time every row once (round-robin, so a slow
 phase of a shared machine falls on all rows alike), after one warm-up call per row.
+The JSON output also holds each compile's process CPU time.
 
 Stdout holds a header line and one markdown table; progress goes to stderr.
 
@@ -189,9 +190,11 @@ class Row:
     def __init__(self, name: str, step: Callable, args: tuple):
         self.name, self.args = name, args
         jax.clear_caches()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         self.compiled = jax.jit(step).lower(*args).compile()
         self.compile_s = time.perf_counter() - start
+        # CPU time is less swayed than wall time by other jobs on a shared machine.
+        self.compile_cpu_s = time.process_time() - start_cpu
         cost = _cost(self.compiled)
         self.bytes_accessed = float(cost.get("bytes accessed", math.nan))
         self.flops = float(cost.get("flops", math.nan))
@@ -209,6 +212,7 @@ class Row:
             "regularizer": VARIANTS[self.name],
             "variant": self.name,
             "compile_s": self.compile_s,
+            "compile_cpu_s": self.compile_cpu_s,
             "bytes_accessed": self.bytes_accessed,
             "flops": self.flops,
             "temp_bytes": self.temp_bytes,
