@@ -19,6 +19,7 @@ demo: $(BIN)/python
 bench: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/resnet.py
 
 clean:
 	rm -rf $(VENV) demo_output build *.egg-info
