@@ -48,13 +48,13 @@ def assert_finite_positive(texts):
 def test_resnet_prints_one_table_with_every_variant(tmp_path):
     from_json = tmp_path / "resnet.json"
     stdout = run_script(
-        "resnet.py", "--depth", "18", "--image-size", "32", "--batch", "2", "--rounds", "1",
+        "resnet.py", "--depth", "18", "--image-size", "32", "--batch", "2", "--rounds", "1", "--compile-rounds", "1",
         "--num-classes", "10", "--json", str(from_json),
     )
     assert stdout.splitlines()[0].startswith("jax "), stdout
     assert "ResNet-18" in stdout.splitlines()[0]
     header, rows = markdown_table(stdout)
-    assert header[0] == "regularizer" and len(header) == 11
+    assert header[0] == "regularizer" and len(header) == 12
     assert [row[0] for row in rows] == [
         "none",
         "nn.Dropout(0.1)",
@@ -66,7 +66,7 @@ def test_resnet_prints_one_table_with_every_variant(tmp_path):
         assert len(row) == len(header)
         assert_finite_positive(row[1:])
     ratios = [i for i, name in enumerate(header) if "/ none" in name]
-    assert len(ratios) == 6 and all(rows[0][i] == "1.000" for i in ratios)
+    assert len(ratios) == 7 and all(rows[0][i] == "1.000" for i in ratios)
     results = json.loads(from_json.read_text())
     assert results["depth"] == 18 and [r["regularizer"] for r in results["rows"]] == [row[0] for row in rows]
     fields = ("compile_s", "compile_cpu_s", "bytes_accessed", "flops", "temp_bytes", "step_ms_median", "step_ms_min")
