@@ -84,6 +84,6 @@ def test_bench_prints_one_table_with_every_row():
     for row in rows:
         assert len(row) == len(header)
         # The elementwise pass needs no temporary memory: zero is a fair value there.
-        times, memory = row[4:7] + row[8:], row[7]
+        times, memory = row[4:10] + row[11:], row[10]
         assert_finite_positive(times)
         assert math.isfinite(float(memory)) and float(memory) >= 0
