@@ -1,4 +1,4 @@
-"""Block masks: Bernoulli seeds on the seed grid, dilated into blocks, 8 flags a byte.
+"""Block masks: Bernoulli seeds on the seed grid, dilated into blocks, 32 flags a word.
 
 *Random bits.* Every seed flag compares 32 bits of :func:`position_bits`, a keyed hash
 of its position, with ``gamma * 2**32``. The hash is elementwise, so it fuses into the
@@ -7,10 +7,10 @@ pass that packs the flags, compiles to a few instructions (threefry's kernel cos
 gives a sharded array the one-device flags with no communication. There is one path
 for every ``keep_prob``: no branch, traced or not.
 
-*Packed flags.* Seeds, and the dropped flags they dilate into, are kept 8 to a byte
+*Packed flags.* Seeds, and the dropped flags they dilate into, are kept 32 to a word
 along one non-spatial axis (the channels, or the batch when channels share a mask).
-Blocks extend only over spatial axes, so a bitwise-or max-pool dilates all 8 flags of a
-byte at once, on an eighth of the bytes, and the full-size mask never exists in memory:
+Blocks extend only over spatial axes, so a bitwise-or max-pool dilates all 32 flags of a
+word at once, on a 32nd of the entries, and the full-size mask never exists in memory:
 it is unpacked inside the fused pass that applies it.
 
 *Separable pooling.* One 1-D ``lax.reduce_window`` per spatial axis.
@@ -29,7 +29,11 @@ from jax import lax
 from dropblock_jax._geometry import MaskLayout
 from dropblock_jax._random import position_bits
 
-FLAGS_PER_BYTE = 8
+# Flags are packed 32 to a uint32 word. Besides a 32nd of the elements to pool, words keep
+# the count one fused pass up to 1024 channels: XLA splits a reduction over a dimension
+# longer than 32 into a reduce-window that first writes an int32 copy of its input.
+WORD_DTYPE = np.uint32
+FLAGS_PER_WORD = 32
 # Counts are exact integers held in two int32 parts, ``high * 2**16 + low``. int32 sums
 # are exact below 2**31, so larger masks are counted in parts of fewer than 2**31
 # entries, one full reduction each (a scalar all-reduce under sharding), and the parts
@@ -59,37 +63,39 @@ def check_key(key) -> jax.Array:
     )
 
 
-def _pack_along_last_axis(flags: jax.Array) -> jax.Array:
-    """(..., 8 * n) zeros and ones -> (..., n) bytes, flag ``i`` of a byte in bit ``i``."""
-    grouped = flags.reshape(*flags.shape[:-1], -1, FLAGS_PER_BYTE).astype(jnp.uint8)
-    weights = jnp.left_shift(jnp.uint8(1), jnp.arange(FLAGS_PER_BYTE, dtype=jnp.uint8))
-    return jnp.sum(grouped * weights, axis=-1, dtype=jnp.uint8)
+def _pack_along_last_axis(flags: jax.Array, per_word: int) -> jax.Array:
+    """(..., per_word * n) zeros and ones -> (..., n) words, flag ``i`` of a word in bit ``i``."""
+    grouped = flags.reshape(*flags.shape[:-1], -1, per_word).astype(WORD_DTYPE)
+    weights = jnp.left_shift(WORD_DTYPE(1), jnp.arange(per_word, dtype=WORD_DTYPE))
+    return jnp.sum(grouped * weights, axis=-1, dtype=WORD_DTYPE)
 
 
-def bernoulli_seed_bytes(key: jax.Array, shape: tuple[int, ...], gamma: jax.Array) -> jax.Array:
-    """Bytes of ``shape`` holding 8 independent Bernoulli(``gamma``) flags each."""
-    bits = position_bits(key, (*shape[:-1], shape[-1] * FLAGS_PER_BYTE))
+def bernoulli_seed_words(
+    key: jax.Array, shape: tuple[int, ...], gamma: jax.Array, per_word: int = FLAGS_PER_WORD
+) -> jax.Array:
+    """Words of ``shape`` holding ``per_word`` independent Bernoulli(``gamma``) flags each."""
+    bits = position_bits(key, (*shape[:-1], shape[-1] * per_word))
     # Compare 32-bit integers against gamma * 2**32: no float conversion per position.
     threshold = jnp.floor(gamma.astype(jnp.float32) * np.float32(2.0**32))
     threshold = jnp.minimum(threshold, np.float32(2.0**32 - 256)).astype(jnp.uint32)
-    return _pack_along_last_axis((bits < threshold) | (gamma >= 1.0))
+    return _pack_along_last_axis((bits < threshold) | (gamma >= 1.0), per_word)
 
 
 def _pack_axis(layout: MaskLayout) -> int:
-    """The non-spatial axis flags are packed along: the last one with >= 8 mask entries,
+    """The non-spatial axis flags are packed along: the last one with >= 32 mask entries,
     else the one with the most."""
     mask_shape = layout.mask_shape
     candidates = [a for a in range(len(mask_shape)) if a not in layout.spatial_axes]
-    return max(candidates, key=lambda a: (min(mask_shape[a], FLAGS_PER_BYTE), a))
+    return max(candidates, key=lambda a: (min(mask_shape[a], FLAGS_PER_WORD), a))
 
 
 @dataclasses.dataclass(frozen=True)
 class PackedMask:
-    """Dropped flags of a mask, 8 to a byte along ``axis`` (bit ``i`` of byte ``j`` is
-    entry ``8 * j + i``; entries past ``size`` are padding).
+    """Dropped flags of a mask, 32 to a word along ``axis`` (bit ``i`` of word ``j`` is
+    entry ``32 * j + i``; entries past ``size`` are padding).
 
     Attributes:
-      dropped_bits: uint8 array, the mask's shape with ``axis`` cut to ``ceil(size / 8)``.
+      dropped_bits: uint32 array, the mask's shape with ``axis`` cut to ``ceil(size / 32)``.
       axis: the packed axis.
       size: the mask's length along ``axis``.
       mask_shape: the shape of the unpacked mask.
@@ -100,13 +106,20 @@ class PackedMask:
     size: int
     mask_shape: tuple[int, ...]
 
+    @property
+    def per_word(self) -> int:
+        """Flags a word holds: 32, or all of a shorter axis (a sharded axis then needs
+        no slicing, which would move data between devices)."""
+        return min(FLAGS_PER_WORD, self.size)
+
     def kept(self) -> jax.Array:
         """The boolean mask, True = kept; cheap to fuse into the pass that applies it."""
-        repeated = jnp.repeat(self.dropped_bits, FLAGS_PER_BYTE, axis=self.axis)
-        repeated = lax.slice_in_dim(repeated, 0, self.size, axis=self.axis)
+        repeated = jnp.repeat(self.dropped_bits, self.per_word, axis=self.axis)
+        if repeated.shape[self.axis] != self.size:
+            repeated = lax.slice_in_dim(repeated, 0, self.size, axis=self.axis)
         bit_shape = [1] * repeated.ndim
         bit_shape[self.axis] = self.size
-        bit = (np.arange(self.size) % FLAGS_PER_BYTE).astype(np.uint8).reshape(bit_shape)
+        bit = (np.arange(self.size) % self.per_word).astype(WORD_DTYPE).reshape(bit_shape)
         return ((repeated >> bit) & 1 == 0).reshape(self.mask_shape)
 
     @property
@@ -124,10 +137,11 @@ class PackedMask:
             raise ValueError(f"masks of fewer than 2**40 entries are supported, got shape {self.mask_shape}.")
         valid_shape = [1] * self.dropped_bits.ndim
         valid_shape[self.axis] = self.dropped_bits.shape[self.axis]
-        entries = np.arange(self.dropped_bits.shape[self.axis] * FLAGS_PER_BYTE).reshape(-1, FLAGS_PER_BYTE)
-        valid = np.sum((entries < self.size) << np.arange(FLAGS_PER_BYTE), axis=1).astype(np.uint8)
+        entries = np.arange(self.dropped_bits.shape[self.axis] * self.per_word).reshape(-1, self.per_word)
+        bits = np.arange(self.per_word, dtype=WORD_DTYPE)
+        valid = np.sum((entries < self.size).astype(WORD_DTYPE) << bits, axis=1, dtype=WORD_DTYPE)
         dropped = lax.population_count(self.dropped_bits & valid.reshape(valid_shape))
-        parts = [jnp.sum(part, dtype=jnp.int32) for part in _parts_below(dropped, _MAX_PART_ENTRIES // FLAGS_PER_BYTE)]
+        parts = [jnp.sum(part, dtype=jnp.int32) for part in _parts_below(dropped, _MAX_PART_ENTRIES // FLAGS_PER_WORD)]
         low_mask = (1 << COUNT_LOW_BITS) - 1
         dropped_high = sum(part >> COUNT_LOW_BITS for part in parts)
         dropped_low = sum(part & low_mask for part in parts)
@@ -176,14 +190,15 @@ def packed_block_mask(key: jax.Array, layout: MaskLayout, gamma: jax.Array) -> P
     axis = _pack_axis(layout)
     size = layout.mask_shape[axis]
     packed_shape = list(layout.seed_shape)
-    packed_shape[axis] = -(-size // FLAGS_PER_BYTE)
-    dropped = bernoulli_seed_bytes(key, tuple(packed_shape), lax.stop_gradient(gamma))
+    per_word = min(FLAGS_PER_WORD, size)
+    packed_shape[axis] = -(-size // per_word)
+    dropped = bernoulli_seed_words(key, tuple(packed_shape), lax.stop_gradient(gamma), per_word)
     ndim = len(layout.shape)
-    # One 1-D pool per spatial axis; bitwise or dilates the 8 flags of a byte at once.
+    # One 1-D pool per spatial axis; bitwise or dilates the 32 flags of a word at once.
     for spatial_axis, window_size, padding in zip(layout.spatial_axes, geometry.windows, geometry.padding):
         window = [1] * ndim
         window[spatial_axis] = window_size
         pads = [(0, 0)] * ndim
         pads[spatial_axis] = padding
-        dropped = lax.reduce_window(dropped, np.uint8(0), lax.bitwise_or, window, (1,) * ndim, pads)
+        dropped = lax.reduce_window(dropped, WORD_DTYPE(0), lax.bitwise_or, window, (1,) * ndim, pads)
     return PackedMask(dropped, axis, size, layout.mask_shape)

@@ -42,18 +42,20 @@ def _is_union_of_blocks(dropped, blocks, seed_region):
     return np.array_equal(_dilate_reference(whole, blocks, dropped.shape, seed_region), dropped)
 
 
-def _unpack(packed_bytes, axis, size):
-    bits = np.unpackbits(np.asarray(packed_bytes)[..., None], axis=-1, bitorder="little")
-    bits = np.moveaxis(bits, -1, axis + 1)
-    shape = list(packed_bytes.shape)
-    shape[axis] *= 8
+def _unpack(packed_words, axis, size, per_word=32):
+    """Flag ``i`` of word ``j`` along ``axis`` is entry ``per_word * j + i``."""
+    words = np.asarray(packed_words).astype("<u4")
+    bits = np.unpackbits(words.view(np.uint8).reshape(*words.shape, 4), axis=-1, bitorder="little")
+    bits = np.moveaxis(bits[..., :per_word], -1, axis + 1)
+    shape = list(words.shape)
+    shape[axis] *= per_word
     return np.take(bits.reshape(shape), np.arange(size), axis=axis)
 
 
 @pytest.mark.parametrize("seed_region", ["valid", "everywhere"])
 @pytest.mark.parametrize(
     "sizes,block,channels",
-    [((9, 9), (3, 3), 2), ((8, 11), (2, 4), 12), ((12,), (5,), 16), ((5, 6, 7), (2, 3, 3), 3)],
+    [((9, 9), (3, 3), 2), ((8, 11), (2, 4), 12), ((12,), (5,), 40), ((5, 6, 7), (2, 3, 3), 3)],
 )
 def test_mask_is_the_dilation_of_its_seeds(seed_region, sizes, block, channels):
     # White box: rebuild the mask from the very seeds the mask draws, position by position.
@@ -63,9 +65,11 @@ def test_mask_is_the_dilation_of_its_seeds(seed_region, sizes, block, channels):
     gamma = jnp.float32(0.08)
     axis = _mask._pack_axis(layout)
     packed_shape = list(layout.seed_shape)
-    packed_shape[axis] = -(-layout.mask_shape[axis] // 8)
-    seeds = _unpack(_mask.bernoulli_seed_bytes(key, tuple(packed_shape), gamma), axis, layout.mask_shape[axis])
-    kept = np.asarray(_mask.packed_block_mask(key, layout, gamma).kept())
+    packed = _mask.packed_block_mask(key, layout, gamma)
+    packed_shape[axis] = packed.dropped_bits.shape[axis]
+    words = _mask.bernoulli_seed_words(key, tuple(packed_shape), gamma, packed.per_word)
+    seeds = _unpack(words, axis, layout.mask_shape[axis], packed.per_word)
+    kept = np.asarray(packed.kept())
     assert seeds.any() and kept.shape == shape
     for n, c in itertools.product(range(shape[0]), range(shape[-1])):
         expected = _dilate_reference(seeds[n, ..., c], block, sizes, seed_region)
@@ -174,21 +178,22 @@ def test_broadcast_dims():
 
 @pytest.mark.parametrize("gamma", [0.0004, 0.003, 0.05, 0.4])
 def test_seed_flags_are_independent_bernoulli_over_positions_bits_and_keys(gamma):
-    shape = (64, 1024)  # bytes: 64 rows of 8192 flags
-    flags = 1024 * 8
+    shape = (64, 256)  # words: 64 rows of 8192 flags
+    flags = 256 * 32
     keys = jax.random.split(jax.random.key(5), 16)
-    packed = jax.vmap(lambda k: _mask.bernoulli_seed_bytes(k, shape, jnp.float32(gamma)))(keys)
+    packed = jax.vmap(lambda k: _mask.bernoulli_seed_words(k, shape, jnp.float32(gamma)))(keys)
     seeds = _unpack(packed, 2, flags).reshape(-1, flags).astype(np.float64)
     assert_mean_matches(seeds.mean(axis=1), np.float32(gamma))
     # Variance of a row's seed count is binomial: flags * gamma * (1 - gamma).
     ratio = seeds.sum(axis=1).var(ddof=1) / (flags * gamma * (1 - gamma))
     assert 0.8 < ratio < 1.25, ratio
-    # Uniform over positions: every bit of a byte, and both ends of a row, see gamma.
-    standard_error = np.sqrt(gamma * (1 - gamma) / (seeds.size / 8))
-    per_bit = seeds.reshape(seeds.shape[0], -1, 8).mean(axis=(0, 1))
+    # Uniform over positions: every bit of a word, and both ends of a row, see gamma.
+    standard_error = np.sqrt(gamma * (1 - gamma) / (seeds.size / 32))
+    per_bit = seeds.reshape(seeds.shape[0], -1, 32).mean(axis=(0, 1))
     assert np.abs(per_bit - gamma).max() < 5 * standard_error, per_bit
     first, last = seeds[:, : flags // 8].mean(), seeds[:, -flags // 8 :].mean()
-    assert abs(first - last) < 5 * np.sqrt(2) * standard_error
+    end_standard_error = np.sqrt(gamma * (1 - gamma) / (seeds.size / 8))
+    assert abs(first - last) < 5 * np.sqrt(2) * end_standard_error
     # Independent neighbours (next flag, next row) and keys: pairs fire at gamma ** 2.
     by_key = seeds.reshape(len(keys), -1, flags)
     pairs = {
@@ -203,9 +208,11 @@ def test_seed_flags_are_independent_bernoulli_over_positions_bits_and_keys(gamma
         assert abs(both.mean() - expected) < tolerance, (name, both.mean(), expected)
 
 
-def test_packed_mask_counts_only_real_entries():
-    # 13 channels pack into 2 bytes with 3 padding flags, which must not be counted.
-    shape = (64, 9, 9, 13)
+@pytest.mark.parametrize("channels", [13, 45])
+def test_packed_mask_counts_only_real_entries(channels):
+    # 13 channels pack into one word with 19 padding flags, 45 into two with 19; padding
+    # flags draw seeds too and must not be counted.
+    shape = (64, 9, 9, channels)
     x = jnp.ones(shape)
     for keep in [0.5, 0.0]:
         y = db.drop_block(jax.random.key(0), x, keep, 3)

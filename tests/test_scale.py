@@ -47,12 +47,12 @@ def _count(packed):
 
 
 def test_count_over_more_than_2_to_the_31_entries_is_exact():
-    # 2.2e9 entries packed in 275 MB: three of eight flags dropped in every byte, and
-    # one byte with all eight, so the count is no multiple of anything convenient.
-    bits = jnp.full((2100, 64, 64, 32), 0b0010_0101, jnp.uint8).at[7, 3, 5, 11].set(0xFF)
+    # 2.2e9 entries packed in 275 MB: 12 of 32 flags dropped in every word, and one
+    # word with all 32, so the count is no multiple of anything convenient.
+    bits = jnp.full((2100, 64, 64, 8), 0x2525_2525, jnp.uint32).at[7, 3, 5, 1].set(0xFFFF_FFFF)
     packed = _mask.PackedMask(bits, axis=3, size=256, mask_shape=(2100, 64, 64, 256))
     assert packed.num_entries > 2**31
-    expected_kept = packed.num_entries - 3 * bits.size - 5
+    expected_kept = packed.num_entries - 12 * bits.size - 20
     assert _count(packed) == expected_kept
     scale = _functional._batch_scale(packed, None, jnp.float32)
     exact = packed.num_entries / expected_kept
@@ -68,7 +68,7 @@ def test_parts_are_disjoint_and_cover_the_array():
 
 
 def test_count_in_parts_equals_a_direct_count(monkeypatch):
-    monkeypatch.setattr(_mask, "_MAX_PART_ENTRIES", 8 * 40)
+    monkeypatch.setattr(_mask, "_MAX_PART_ENTRIES", 32 * 40)
     shape = (6, 9, 9, 13)
     mask = db.block_mask(jax.random.key(1), shape, 0.6, 3)
     layout = _functional._layout(shape, 3, None, (), "valid", "paper")
@@ -77,7 +77,7 @@ def test_count_in_parts_equals_a_direct_count(monkeypatch):
 
 
 def test_masks_of_2_to_the_40_entries_are_refused():
-    bits = jax.ShapeDtypeStruct((2**20, 2**17), jnp.uint8)
+    bits = jax.ShapeDtypeStruct((2**20, 2**15), jnp.uint32)
     packed = _mask.PackedMask(bits, axis=1, size=2**20, mask_shape=(2**20, 2**20))
     with pytest.raises(ValueError, match="2\\*\\*40"):
         packed.count_kept()
