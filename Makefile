@@ -1,16 +1,31 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# A second environment pinned to the minimum versions pyproject.toml declares.
+MIN_VENV := .venv-min
+MIN_BIN := $(MIN_VENV)/bin
+MIN_TESTS := tests/test_functional.py tests/test_linen.py tests/test_nnx.py tests/test_mask.py \
+	tests/test_errors.py tests/test_api.py tests/test_statistics.py tests/test_equinox.py
 
-.PHONY: test demo bench clean
+.PHONY: test test-latest test-min demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-test: $(BIN)/python
+$(MIN_BIN)/python:
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_BIN)/python -m pip install --quiet --upgrade pip
+
+test: test-latest test-min
+
+test-latest: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pytest
+
+test-min: $(MIN_BIN)/python
+	$(MIN_BIN)/python -m pip install --quiet --constraint requirements-min.txt -e '.[test]'
+	$(MIN_BIN)/python -m pytest $(MIN_TESTS)
 
 demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[demo]'
@@ -21,4 +36,4 @@ bench: $(BIN)/python
 	$(BIN)/python benchmarks/bench.py
 
 clean:
-	rm -rf $(VENV) demo_output build *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) demo_output build dist *.egg-info
