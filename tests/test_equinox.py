@@ -1,5 +1,6 @@
 """Tests of the Equinox layer ``dropblock_jax.equinox.DropBlock``."""
 
+import inspect
 import subprocess
 import sys
 
@@ -31,6 +32,26 @@ class _CNN(eqx.Module):
     def __call__(self, x, *, key=None):
         x = self.drop(jax.nn.relu(self.conv(x)), key=key)
         return self.head(x.mean(axis=(1, 2)))
+
+
+def test_signature_follows_the_contract():
+    params = inspect.signature(DropBlock.__init__).parameters
+    assert list(params)[1:3] == ["keep_prob", "block_size"]
+    assert (params["keep_prob"].default, params["block_size"].default) == (0.9, 7)
+    keyword_only = {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    assert keyword_only == {
+        "spatial_axes": None,
+        "broadcast_dims": (),
+        "seed_region": "valid",
+        "gamma": "paper",
+        "normalize": "batch",
+        "axis_name": None,
+        "inference": False,
+    }
+    params = inspect.signature(DropBlock.__call__).parameters
+    assert list(params) == ["self", "x", "key", "inference"]
+    for name in ["key", "inference"]:
+        assert params[name].kind is params[name].KEYWORD_ONLY and params[name].default is None
 
 
 def test_scheduled_training_under_filter_jit_compiles_once():
