@@ -1,16 +1,40 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# A second environment pinned to the minimum versions pyproject.toml declares.
+MIN_VENV := .venv-min
+MIN_BIN := $(MIN_VENV)/bin
+MIN_TESTS := tests/test_functional.py tests/test_linen.py tests/test_nnx.py tests/test_mask.py \
+	tests/test_errors.py tests/test_api.py tests/test_statistics.py tests/test_equinox.py \
+	tests/test_random.py tests/test_lowering.py
 
-.PHONY: test demo bench clean
+.PHONY: test test-env test-env-min test-latest test-min demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-test: $(BIN)/python
+$(MIN_BIN)/python:
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_BIN)/python -m pip install --quiet --upgrade pip
+
+# The installs run one after the other (both write the package's build metadata into the
+# source tree); the two suites then run side by side, each printing when it ends: a pytest
+# process leaves much of a second core idle.
+test: test-env test-env-min
+	$(MAKE) --no-print-directory --output-sync=target -j2 test-latest test-min
+
+test-env: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+
+test-env-min: $(MIN_BIN)/python
+	$(MIN_BIN)/python -m pip install --quiet --constraint requirements-min.txt -e '.[test]'
+
+test-latest:
 	$(BIN)/python -m pytest
+
+test-min:
+	$(MIN_BIN)/python -m pytest $(MIN_TESTS)
 
 demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[demo]'
@@ -22,4 +46,4 @@ bench: $(BIN)/python
 	$(BIN)/python benchmarks/resnet.py
 
 clean:
-	rm -rf $(VENV) demo_output build *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) demo_output build dist *.egg-info
