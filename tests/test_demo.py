@@ -68,7 +68,9 @@ def check_stress_results(results, stdout):
             assert all(np.isfinite(v) and -100.0 <= v <= 100.0 for v in values)
             assert d["lower"] <= d["mean"] <= d["upper"] and len(d["differences"]) == 2
             assert d["distinguishable"] == (d["lower"] > 0 or d["upper"] < 0)
-    assert "occluded" in stdout and "difference to none" in stdout
+    paper = results["paired_to_dropout"]["metrics"]
+    assert sorted(paper) == sorted(paired) and list(paper["area_b3"]) == ["dropblock", "dropblock_scheduled"]
+    assert "occluded" in stdout and "difference to none" in stdout and "difference to dropout" in stdout
 
 
 def test_t_quantiles_are_the_tables_and_continue_smoothly_past_it():
