@@ -12,16 +12,24 @@ import time
 
 import numpy as np
 
+from dropblock_jax.demo.stats import mean_over_grid, paired_difference
+
 # The default: 300 training images (30 a class) overfit within a few epochs (train
 # accuracy 100%). 5 seeds, because the paired intervals need them (3 seeds: t = 4.30,
 # 5 seeds: 2.78); 30 epochs x 5 seeds x 5 methods, held-out accuracy every 5 epochs and
 # the stress tests of every model fit in about four minutes on 2 cores.
-DEFAULTS = dict(seeds=5, epochs=30, train_size=300, max_test=None, batch_size=50, eval_every=5)
-# The smoke run: its time goes to compiling the four model variants.
-QUICK = dict(seeds=2, epochs=3, train_size=100, max_test=300, batch_size=25, eval_every=1)
 # Inference keep_probs of the robustness curves (the last stage's; the stage before keeps
 # the training ratio). At 1.0 DropBlock is the identity: the clean accuracy.
-INFERENCE_KEEP_PROBS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+DEFAULTS = dict(
+    seeds=5, epochs=30, train_size=300, max_test=None, batch_size=50, eval_every=5, eval_chunk=512,
+    inference_keep_probs=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
+)  # fmt: skip
+# The smoke run: its time goes to compiling the four model variants (and their
+# perturbed twins); a coarse keep_prob grid is enough to check that everything runs.
+QUICK = dict(
+    seeds=2, epochs=3, train_size=100, max_test=300, batch_size=25, eval_every=1, eval_chunk=320,
+    inference_keep_probs=(1.0, 0.75, 0.5),
+)  # fmt: skip
 # Seed of the inference masks and of the occluded squares: the same for every model.
 STRESS_SEED = 0
 BASELINE = "none"
@@ -83,8 +91,6 @@ def run_metrics(run: dict, keep_probs) -> dict:
     accuracy over the inference keep_prob grid with block size k (the trapezoid area
     under the robustness curve divided by the grid's width).
     """
-    from dropblock_jax.demo.stats import mean_over_grid
-
     metrics = dict(clean=run["test_accuracy"] * 100, occlusion=run["occlusion_accuracy"] * 100)
     for block, curve in run["robustness"].items():
         metrics[f"area_b{block}"] = mean_over_grid(keep_probs, np.asarray(curve) * 100)
@@ -116,8 +122,6 @@ def paired_statistics(results: dict, keep_probs, baseline: str = BASELINE) -> di
       ``{metric: {method: paired_difference dict}}`` for every method but the
       baseline; empty with fewer than 2 seeds (no interval can be formed).
     """
-    from dropblock_jax.demo.stats import paired_difference
-
     if baseline not in results:
         raise ValueError(f"baseline must be one of the methods {sorted(results)}, got {baseline!r}.")
     if len(results[baseline]) < 2:
@@ -227,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=epochs,
         batch_size=preset["batch_size"],
         eval_every=preset["eval_every"],
+        eval_chunk=preset["eval_chunk"],
         keep_prob=args.keep_prob,
         block_size=args.block_size,
     )
@@ -246,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     side = max(1, min(height, width) // 2)
     fill = dataset.x_train.mean(axis=(0, 1, 2))
     stress_test = StressTest(
-        keep_probs=INFERENCE_KEEP_PROBS,
+        keep_probs=preset["inference_keep_probs"],
         block_sizes=tuple(sorted({1, config.block_size})),
         x_occluded=data_lib.occlude(dataset.x_test, side, fill, seed=STRESS_SEED),
         key_seed=STRESS_SEED,
