@@ -7,17 +7,23 @@ group uses ``keep_prob``; the group before it drops four times less,
 ``1 - (1 - keep_prob) / 4``. :class:`ResNet` reproduces that placement for any number
 of stages, and can put plain dropout or SpatialDropout at the very same places, so
 the regularizers can be compared on equal terms.
+
+:class:`InferenceDropBlock` applies DropBlock at those same places to a trained model
+in eval mode, whatever its regularizer (``"none"`` included): the paper's test of how
+spatially spread a network's representation is (Section 4.1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
+from dropblock_jax import drop_block
 from dropblock_jax._rates import checked_probability
 from dropblock_jax.nnx import DropBlock
 from dropblock_jax.nnx import set_keep_prob as _set_every_keep_prob
@@ -65,12 +71,7 @@ def _check_args(regularizer, widths, blocks, regularized_stages, block_size):
             f"regularized_stages must be an int in [0, {len(widths)}] (the number of stages), "
             f"got {regularized_stages!r}."
         )
-    if isinstance(block_size, int):
-        sizes = (block_size,)
-    else:
-        sizes = tuple(block_size)
-    if any(not isinstance(k, int) or k < 1 for k in sizes):
-        raise ValueError(f"block_size must be a positive int or a tuple of them, got {block_size!r}.")
+    _check_block_size(block_size)
 
 
 def _make_drop(regularizer, keep_prob, block_size, rngs):
@@ -89,6 +90,82 @@ def _make_drop(regularizer, keep_prob, block_size, rngs):
 
 def _apply(drop, x):
     return x if drop is None else drop(x)
+
+
+# The regularizer places of a residual block, numbered for InferenceDropBlock's keys.
+_PLACES = ("drop1", "drop2", "proj_drop")
+
+
+def _check_block_size(block_size):
+    try:
+        sizes = (block_size,) if isinstance(block_size, int) else tuple(block_size)
+    except TypeError:
+        sizes = ()
+    if not sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes):
+        raise ValueError(f"block_size must be a positive int or a tuple of them, got {block_size!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceDropBlock:
+    """:func:`dropblock_jax.drop_block` at every regularizer place of a :class:`ResNet`.
+
+    Pass it as ``model(x, perturb=InferenceDropBlock(key, keep_prob, block_size))``.
+    It acts whatever the model's regularizer, ``"none"`` included (whose places hold
+    no layer), and whatever its mode: on a model in eval mode (batch norm on running
+    averages, the trained regularizer off) it is the only thing dropped. This is how
+    the paper tests that DropBlock spreads a network's representation: units or
+    blocks removed at inference cost a DropBlock-trained network less accuracy.
+
+    Every place gets its own key, ``fold_in`` of ``key`` with the stage, block and
+    place index, so two models of the same architecture see the same masks whatever
+    their regularizer.
+
+    Attributes:
+      key: a JAX PRNG key.
+      keep_prob: keep probability of the last stage; may be traced, so one compiled
+        function serves every keep_prob.
+      block_size: the block size; 1 is plain dropout.
+      per_stage: if True (default), earlier regularized stages keep
+        :func:`stage_keep_prob` of ``keep_prob``, as in training; if False every
+        place uses ``keep_prob``.
+      normalize: as in :func:`dropblock_jax.drop_block`; ``"batch"`` is the default
+        of the trained DropBlock layers.
+
+    Raises:
+      ValueError: for a bad ``block_size`` or a concrete ``keep_prob`` outside [0, 1].
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dropblock_jax.models import InferenceDropBlock, ResNet
+      >>> model = ResNet(10, widths=(8, 16), blocks=(1, 1), regularizer="none",
+      ...                rngs=nnx.Rngs(params=0))
+      >>> model.eval()
+      >>> x = jnp.ones((4, 16, 16, 1))
+      >>> probe = InferenceDropBlock(jax.random.key(0), keep_prob=0.5, block_size=3)
+      >>> bool((model(x, perturb=probe) == model(x)).all())
+      False
+    """
+
+    key: jax.Array
+    keep_prob: ArrayLike
+    block_size: int | tuple[int, ...] = 1
+    per_stage: bool = True
+    normalize: str = "batch"
+
+    def __post_init__(self):
+        checked_probability("keep_prob", self.keep_prob)
+        _check_block_size(self.block_size)
+        if not isinstance(self.per_stage, bool):
+            raise ValueError(f"per_stage must be True or False, got {self.per_stage!r}.")
+
+    def __call__(self, x: jax.Array, place: Sequence[int], stages_from_last: int) -> jax.Array:
+        """Drops blocks of ``x``, the output of the regularizer place ``place``."""
+        key = self.key
+        for index in place:
+            key = jax.random.fold_in(key, index)
+        keep = stage_keep_prob(self.keep_prob, stages_from_last) if self.per_stage else self.keep_prob
+        return drop_block(key, x, keep, self.block_size, normalize=self.normalize)
 
 
 class ResidualBlock(nnx.Module):
@@ -139,12 +216,21 @@ class ResidualBlock(nnx.Module):
         else:
             self.proj = self.proj_bn = self.proj_drop = None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, perturb: Callable[[jax.Array, int], jax.Array] | None = None) -> jax.Array:
+        """Applies the block; ``perturb(y, place)`` follows each regularizer place if given.
+
+        ``place`` is the index of the place in ``("drop1", "drop2", "proj_drop")``.
+        """
+
+        def regularize(drop, y, name):
+            y = _apply(drop, y)
+            return y if perturb is None else perturb(y, _PLACES.index(name))
+
         shortcut = x
         if self.proj is not None:
-            shortcut = _apply(self.proj_drop, self.proj_bn(self.proj(x)))
-        y = _apply(self.drop1, nnx.relu(self.bn1(self.conv1(x))))
-        y = _apply(self.drop2, self.bn2(self.conv2(y)))
+            shortcut = regularize(self.proj_drop, self.proj_bn(self.proj(x)), "proj_drop")
+        y = regularize(self.drop1, nnx.relu(self.bn1(self.conv1(x))), "drop1")
+        y = regularize(self.drop2, self.bn2(self.conv2(y)), "drop2")
         return nnx.relu(y + shortcut)
 
 
@@ -244,11 +330,28 @@ class ResNet(nnx.Module):
         self.stages = nnx.List(stages)
         self.head = nnx.Linear(features, num_classes, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, perturb: InferenceDropBlock | None = None) -> jax.Array:
+        """The logits of ``x``, NHWC.
+
+        Args:
+          x: images, ``(N, H, W, in_features)``.
+          perturb: an :class:`InferenceDropBlock` (or any callable
+            ``perturb(y, place, stages_from_last)``) applied after every regularizer
+            place of the regularized stages, on top of the regularizer itself. Meant
+            for a model in eval mode, where it is the only thing dropped.
+        """
         x = nnx.relu(self.stem_bn(self.stem(x)))
-        for stage in self.stages:
-            for block in stage:
-                x = block(x)
+        count = len(self.stages)
+        for s, stage in enumerate(self.stages):
+            from_last = count - 1 - s
+            for b, block in enumerate(stage):
+                hook = None
+                if perturb is not None and from_last < self.regularized_stages:
+
+                    def hook(y, place, s=s, b=b, from_last=from_last):
+                        return perturb(y, (s, b, place), from_last)
+
+                x = block(x, hook)
         return self.head(jnp.mean(x, axis=(1, 2)))
 
     def _regularized(self):

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from dropblock_jax.demo import main
-from dropblock_jax.demo.data import DataError, load_digits, load_npz
-from dropblock_jax.demo.train import METHODS
+from dropblock_jax.demo.data import DataError, load_digits, load_npz, occlude, occlusion_corners
+from dropblock_jax.demo.stats import mean_over_grid, paired_difference, t_quantile_975
+from dropblock_jax.demo.train import METHODS, StressTest
 
 METHOD_NAMES = [m.name for m in METHODS]
 
@@ -27,7 +28,7 @@ def test_quick_run_writes_the_pictures_the_results_and_a_table_with_every_method
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("masks.png", "curves.png"):
+    for name in ("masks.png", "curves.png", "robustness.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     table = done.stdout[done.stdout.index("method") :].splitlines()
     assert [line.split()[0] for line in table[2 : 2 + len(METHODS)]] == METHOD_NAMES
@@ -40,6 +41,135 @@ def test_quick_run_writes_the_pictures_the_results_and_a_table_with_every_method
     scheduled = results["runs"]["dropblock_scheduled"][0]["keep_prob_curve"]
     assert scheduled == sorted(scheduled, reverse=True) and scheduled[-1] == pytest.approx(0.8)
     assert "epoch" in done.stderr  # the progress bars
+    check_stress_results(results, done.stdout)
+
+
+def check_stress_results(results, stdout):
+    """Every robustness, occlusion and paired number is there, finite and in range."""
+    keeps = results["robustness"]["keep_probs"]
+    assert keeps[0] == 1.0 and keeps == sorted(keeps, reverse=True) and results["robustness"]["block_sizes"] == [1, 3]
+    assert results["occlusion"]["side"] == 8
+    for name in METHOD_NAMES:
+        for run in results["runs"][name]:
+            assert 0.0 <= run["occlusion_accuracy"] <= 1.0
+            assert sorted(run["robustness"]) == ["1", "3"]
+            for curve in run["robustness"].values():
+                assert len(curve) == len(keeps) and all(0.0 <= a <= 1.0 for a in curve)
+                assert curve[0] == run["test_accuracy"]
+        summary = results["summary"][name]
+        for key in ("occlusion_mean", "occlusion_std", "area_b1_mean", "area_b3_mean"):
+            assert np.isfinite(summary[key]) and 0.0 <= summary[key] <= 100.0, (name, key, summary[key])
+    paired = results["paired"]["metrics"]
+    assert sorted(paired) == ["area_b1", "area_b3", "clean", "occlusion"]
+    for metric, per_method in paired.items():
+        assert list(per_method) == METHOD_NAMES[1:]
+        for d in per_method.values():
+            values = [d["lower"], d["mean"], d["upper"], *d["differences"]]
+            assert all(np.isfinite(v) and -100.0 <= v <= 100.0 for v in values)
+            assert d["lower"] <= d["mean"] <= d["upper"] and len(d["differences"]) == 2
+            assert d["distinguishable"] == (d["lower"] > 0 or d["upper"] < 0)
+    paper = results["paired_to_dropout"]["metrics"]
+    assert sorted(paper) == sorted(paired) and list(paper["area_b3"]) == ["dropblock", "dropblock_scheduled"]
+    assert "occluded" in stdout and "difference to none" in stdout and "difference to dropout" in stdout
+
+
+def test_t_quantiles_are_the_tables_and_continue_smoothly_past_it():
+    assert [t_quantile_975(df) for df in (1, 2, 4, 10, 30)] == [12.7062, 4.3027, 2.7764, 2.2281, 2.0423]
+    assert t_quantile_975(31) < t_quantile_975(30) and t_quantile_975(120) == pytest.approx(1.9799, abs=1e-4)
+    assert t_quantile_975(10_000) == pytest.approx(1.96, abs=1e-3)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 60):
+        assert t_quantile_975(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-4)
+    for bad in (0, -1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match=f"df must be an int >= 1, got {bad!r}"):
+            t_quantile_975(bad)
+
+
+def test_paired_difference_by_hand():
+    # differences 1, 2, 3, 6: mean 3, sd sqrt(14/3), t_{0.975, 3} = 3.1824
+    d = paired_difference([11.0, 12.0, 13.0, 16.0], [10.0, 10.0, 10.0, 10.0])
+    half = 3.1824 * np.sqrt(14 / 3) / 2
+    assert d["differences"] == [1.0, 2.0, 3.0, 6.0] and d["mean"] == 3.0
+    assert d["lower"] == pytest.approx(3 - half) and d["upper"] == pytest.approx(3 + half)
+    assert d["lower"] < 0 < d["upper"] and not d["distinguishable"]  # 3 - 3.44 < 0
+    same = paired_difference([1.0, 2.0], [0.0, 1.0])  # the same difference every time
+    assert (same["lower"], same["upper"], same["distinguishable"]) == (1.0, 1.0, True)
+    assert not paired_difference([1.0, 2.0], [1.0, 2.0])["distinguishable"]
+
+
+@pytest.mark.parametrize(
+    ("values", "baseline", "message"),
+    [
+        ([1.0], [2.0], "at least 2 pairs, got 1"),
+        ([1.0, 2.0], [1.0], r"equal length, got shapes \(2,\) and \(1,\)"),
+        ([1.0, float("nan")], [1.0, 2.0], "must be finite"),
+    ],
+)
+def test_paired_difference_refuses_bad_input(values, baseline, message):
+    with pytest.raises(ValueError, match=message):
+        paired_difference(values, baseline)
+
+
+def test_mean_over_grid_is_the_normalized_trapezoid_area():
+    assert mean_over_grid([1.0, 0.5], [100.0, 50.0]) == pytest.approx(75.0)
+    assert mean_over_grid([1.0, 0.9, 0.5], [90.0, 90.0, 90.0]) == pytest.approx(90.0)
+    assert mean_over_grid([0.5, 0.75, 1.0], [50.0, 80.0, 90.0]) == mean_over_grid([1.0, 0.75, 0.5], [90.0, 80.0, 50.0])
+    with pytest.raises(ValueError, match="strictly monotone"):
+        mean_over_grid([1.0, 0.5, 0.7], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="at least 2 points"):
+        mean_over_grid([1.0], [1.0])
+    with pytest.raises(ValueError, match=r"one value per grid point \(2\)"):
+        mean_over_grid([1.0, 0.5], [1.0, 2.0, 3.0])
+
+
+def test_occlusion_replaces_exactly_one_square_per_image_and_repeats_for_a_seed():
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(50, 16, 12, 2)).astype(np.float32) + 10.0  # never equal to the fill
+    fill = np.asarray([-1.0, -2.0], np.float32)
+    out = occlude(images, side=5, fill=fill, seed=3)
+    corners = occlusion_corners(50, 16, 12, 5, seed=3)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    for image, original, (row, col) in zip(out, images, corners):
+        inside = np.zeros((16, 12), bool)
+        inside[row : row + 5, col : col + 5] = True
+        assert 0 <= row <= 11 and 0 <= col <= 7
+        np.testing.assert_array_equal(image[inside], np.broadcast_to(fill, (25, 2)))
+        np.testing.assert_array_equal(image[~inside], original[~inside])
+    np.testing.assert_array_equal(occlude(images, 5, fill, seed=3), out)
+    assert not np.array_equal(occlusion_corners(50, 16, 12, 5, seed=4), corners)
+    assert len({tuple(c) for c in corners}) > 10  # the squares move around
+    assert np.all(images > 5.0)  # the input is left alone
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(side=0), r"side must be an int in \[1, 8\].*got 0"),
+        (dict(side=9), r"side must be an int in \[1, 8\].*got 9"),
+        (dict(side=2.5), r"side must be an int.*got 2.5"),
+        (dict(fill=np.zeros(3)), r"fill must be a scalar or one value per channel \(1\), got shape \(3,\)"),
+        (dict(images=np.zeros((8, 8, 1))), r"images must be 4-D NHWC.*got shape \(8, 8, 1\)"),
+    ],
+)
+def test_occlusion_refuses_bad_arguments(kwargs, message):
+    args = dict(images=np.zeros((2, 8, 8, 1), np.float32), side=4, fill=0.0) | kwargs
+    with pytest.raises(ValueError, match=message):
+        occlude(**args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(keep_probs=(0.9, 0.5)), r"keep_probs must start at 1.0 and fall strictly.*\(0.9, 0.5\)"),
+        (dict(keep_probs=(1.0, 0.5, 0.7)), "keep_probs must start at 1.0 and fall strictly"),
+        (dict(block_sizes=(0,)), r"block_sizes must be a non-empty tuple of positive ints, got \(0,\)"),
+        (dict(block_sizes=()), r"block_sizes must be a non-empty tuple of positive ints, got \(\)"),
+    ],
+)
+def test_stress_test_refuses_bad_settings(kwargs, message):
+    args = dict(keep_probs=(1.0, 0.5), block_sizes=(1, 3), x_occluded=np.zeros((1, 8, 8, 1))) | kwargs
+    with pytest.raises(ValueError, match=message):
+        StressTest(**args)
 
 
 def write_npz(path, **arrays):

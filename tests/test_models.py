@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dropblock_jax.models import ResNet, stage_keep_prob
+from dropblock_jax.models import InferenceDropBlock, ResNet, stage_keep_prob
 from dropblock_jax.nnx import DropBlock
 
 
@@ -108,3 +108,67 @@ def test_regularized_stages_moves_the_layers():
     model = small(regularized_stages=1)
     assert {path[1] for path in layers_of(model, DropBlock)} == {2}
     assert [float(k) for k in model.keep_probs()] == pytest.approx([0.8])
+
+
+def test_inference_dropblock_acts_at_the_regularizer_places_of_every_regularizer():
+    calls = []
+
+    def record(y, place, stages_from_last):
+        calls.append((place, stages_from_last, y.shape))
+        return y
+
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+    for regularizer in ("none", "dropout", "dropblock"):
+        calls.clear()
+        model = small(regularizer)
+        model.eval()
+        np.testing.assert_array_equal(model(x, perturb=record), model(x))
+        assert sorted(calls) == [
+            ((1, 0, p), 1, (2, 8, 8, 8)) for p in range(3)
+        ] + [((2, 0, p), 0, (2, 4, 4, 8)) for p in range(3)]
+    calls.clear()
+    small(regularized_stages=0)(x, perturb=record)
+    assert calls == []
+
+
+def test_inference_dropblock_gives_every_regularizer_the_same_masks_and_is_off_at_keep_1():
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
+
+    @nnx.jit
+    def forward(model, key, keep_prob):
+        return model(x, perturb=InferenceDropBlock(key, keep_prob, block_size=3))
+
+    outputs = {}
+    for regularizer in ("none", "dropout", "spatial_dropout", "dropblock"):
+        model = small(regularizer)  # same params: the regularizers hold none
+        model.eval()
+        np.testing.assert_array_equal(forward(model, jax.random.key(1), jnp.float32(1.0)), model(x))
+        outputs[regularizer] = forward(model, jax.random.key(1), jnp.float32(0.5))
+        assert not np.array_equal(outputs[regularizer], model(x))
+    for output in outputs.values():
+        np.testing.assert_array_equal(output, outputs["none"])
+    assert not np.array_equal(forward(model, jax.random.key(2), jnp.float32(0.5)), outputs["none"])
+
+
+def test_inference_dropblock_keeps_the_stage_ratio_unless_told_not_to():
+    x = jnp.ones((64, 8, 8, 16))
+    key = jax.random.key(0)
+    for per_stage, expected in ((True, 1 - 0.5 / 4), (False, 0.5)):
+        probe = InferenceDropBlock(key, 0.5, block_size=1, per_stage=per_stage, normalize="none")
+        kept = float((probe(x, (1, 0, 0), stages_from_last=1) != 0).mean())
+        assert kept == pytest.approx(expected, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(keep_prob=1.5), r"keep_prob must be in \[0, 1\], got 1.5"),
+        (dict(block_size=0), "block_size must be a positive int or a tuple of them, got 0"),
+        (dict(block_size=(3, -1)), r"block_size must be a positive int or a tuple of them, got \(3, -1\)"),
+        (dict(per_stage="yes"), "per_stage must be True or False, got 'yes'"),
+    ],
+)
+def test_inference_dropblock_refuses_bad_arguments(kwargs, message):
+    args = dict(key=jax.random.key(0), keep_prob=0.9) | kwargs
+    with pytest.raises(ValueError, match=message):
+        InferenceDropBlock(**args)

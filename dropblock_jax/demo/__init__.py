@@ -3,7 +3,10 @@
 Draws a gallery of DropBlock masks and trains a small ResNet
 (:class:`dropblock_jax.models.ResNet`) on scikit-learn's bundled digits, or on an
 ``.npz`` of one's own, with no regularizer, dropout, SpatialDropout, DropBlock and
-DropBlock with a linear keep_prob schedule, over several seeds. Needs the ``demo``
+DropBlock with a linear keep_prob schedule, over several seeds. Then scores every
+trained model with DropBlock applied at inference (block 1 and the trained block) and
+on occluded images, and compares the methods with no regularizer seed by seed, with
+95% intervals. Needs the ``demo``
 extra: ``pip install 'dropblock-jax[demo]'``.
 """
 

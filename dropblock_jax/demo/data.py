@@ -172,3 +172,60 @@ def load_npz(path: str | os.PathLike, train_size: int | None = None, scale: int 
         upscale(x_train.astype(np.float32), scale), upscale(x_test.astype(np.float32), scale)
     )
     return Dataset(x_train, y_train, x_test, y_test, num_classes, os.path.basename(path))
+
+
+def occlusion_corners(count: int, height: int, width: int, side: int, seed: int = 0) -> np.ndarray:
+    """Top-left corners of ``count`` random ``side x side`` squares inside an image.
+
+    Uniform over the positions where the whole square lies inside the image; the same
+    ``seed`` gives the same squares, so every model is scored on the same occlusions.
+
+    Returns:
+      An int array ``(count, 2)`` of (row, column).
+
+    Raises:
+      ValueError: when ``side`` is not an int in [1, min(height, width)].
+    """
+    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or not 1 <= side <= min(height, width):
+        raise ValueError(f"side must be an int in [1, {min(height, width)}] (the image's smaller side), got {side!r}.")
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, height - side + 1, count)
+    cols = rng.integers(0, width - side + 1, count)
+    return np.stack([rows, cols], axis=1)
+
+
+def occlude(images: np.ndarray, side: int, fill, seed: int = 0) -> np.ndarray:
+    """A copy of NHWC ``images`` with one random ``side x side`` square each set to ``fill``.
+
+    The squares are :func:`occlusion_corners` for ``seed``. The demo fills with the
+    training set's per-channel mean, so an occluded region carries no information and
+    no out-of-range value.
+
+    Args:
+      images: ``(N, H, W, C)`` images.
+      side: the square's side, in pixels.
+      fill: a scalar or one value per channel.
+      seed: seed of the squares' positions.
+
+    Raises:
+      ValueError: for images that are not 4-D, a bad ``side`` or a ``fill`` that is
+        neither a scalar nor one value per channel.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dropblock_jax.demo.data import occlude
+      >>> out = occlude(np.ones((3, 16, 16, 1), np.float32), side=8, fill=0.0)
+      >>> (out == 0).sum(axis=(1, 2, 3)).tolist()  # a quarter of each image
+      [64, 64, 64]
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be 4-D NHWC (N, H, W, C), got shape {images.shape}.")
+    n, h, w, c = images.shape
+    fill = np.asarray(fill, images.dtype)
+    if fill.shape not in ((), (c,), (1, 1, c), (1, 1, 1, c)):
+        raise ValueError(f"fill must be a scalar or one value per channel ({c}), got shape {fill.shape}.")
+    out = images.copy()
+    for i, (row, col) in enumerate(occlusion_corners(n, h, w, side, seed)):
+        out[i, row : row + side, col : col + side, :] = fill.reshape(-1)
+    return out

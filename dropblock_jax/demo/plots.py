@@ -137,3 +137,37 @@ def plot_curves(path, results: dict, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_robustness(path, results: dict, keep_probs, title: str = "") -> None:
+    """Saves held-out accuracy against inference keep_prob, one panel per inference block size.
+
+    One line per method: the mean over seeds, with the min..max band.
+
+    Args:
+      path: the ``.png`` to write.
+      results: method name -> list of run dicts with ``robustness``: str(block size) ->
+        accuracy (0..1) per keep_prob.
+      keep_probs: the inference keep_probs, descending from 1.
+      title: the figure title.
+    """
+    plt = _pyplot()
+    blocks = list(next(iter(results.values()))[0]["robustness"])
+    fig, axes = plt.subplots(1, len(blocks), figsize=(5.2 * len(blocks), 4.4), sharey=True, squeeze=False)
+    keeps = np.asarray(keep_probs)
+    for ax, block in zip(axes[0], blocks):
+        for name, runs in results.items():
+            acc = np.asarray([run["robustness"][block] for run in runs]) * 100
+            mean = acc.mean(axis=0)
+            (line,) = ax.plot(keeps, mean, "o-", markersize=3, label=name)
+            ax.fill_between(keeps, acc.min(axis=0), acc.max(axis=0), color=line.get_color(), alpha=0.15)
+        ax.invert_xaxis()  # more is dropped to the right
+        ax.set_xlabel("inference keep_prob (last stage)")
+        ax.set_title(f"block size {block}" + (" (plain dropout)" if block == "1" else ""))
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("held-out accuracy (%)")
+    axes[0, -1].legend(loc="lower left", fontsize=9)
+    fig.suptitle(title or "DropBlock at inference: mean over seeds, band = min..max", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,4 +1,10 @@
-"""Training one :class:`~dropblock_jax.models.ResNet` per method and seed."""
+"""Training one :class:`~dropblock_jax.models.ResNet` per method and seed, and stress-testing it.
+
+After training, every model is scored in eval mode on the held-out set three ways:
+clean; with DropBlock applied at inference at its regularizer places (the paper's
+Section 4.1 test of spatially spread representations), for a grid of keep_probs
+and block sizes; and with a square of every image occluded.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dropblock_jax.models import ResNet
+from dropblock_jax.models import InferenceDropBlock, ResNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +65,38 @@ class RunResult:
     seconds_per_step: float
     curve: list[tuple[int, float]]
     keep_prob_curve: list[float]
+    # Filled when train_one gets a StressTest.
+    occlusion_accuracy: float | None = None
+    # str(block size) -> held-out accuracy for each StressTest.keep_probs.
+    robustness: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class StressTest:
+    """What a trained model is scored on besides the clean held-out set.
+
+    Attributes:
+      keep_probs: inference keep_probs (of the last stage; earlier regularized
+        stages keep the training ratio, see :func:`dropblock_jax.models.stage_keep_prob`),
+        descending from 1.0. At 1.0 DropBlock is the identity: the clean accuracy.
+      block_sizes: inference block sizes; 1 is plain dropout.
+      x_occluded: the held-out images with a square occluded (the same for every model).
+      key_seed: seed of the inference masks: the same for every method and seed.
+    """
+
+    keep_probs: tuple[float, ...]
+    block_sizes: tuple[int, ...]
+    x_occluded: np.ndarray = dataclasses.field(repr=False, compare=False)
+    key_seed: int = 0
+
+    def __post_init__(self):
+        keeps = np.asarray(self.keep_probs, np.float64)
+        if keeps.ndim != 1 or len(keeps) < 2 or keeps[0] != 1.0 or not (np.diff(keeps) < 0).all() or keeps[-1] < 0:
+            raise ValueError(
+                f"keep_probs must start at 1.0 and fall strictly, staying >= 0, got {tuple(self.keep_probs)!r}."
+            )
+        if not self.block_sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.block_sizes):
+            raise ValueError(f"block_sizes must be a non-empty tuple of positive ints, got {self.block_sizes!r}.")
 
 
 def _loss(model, x, y):
@@ -83,18 +121,65 @@ def _predict(model, x):
     return jnp.argmax(model(x), axis=-1)
 
 
-def accuracy(model: ResNet, x: np.ndarray, y: np.ndarray, chunk: int = 512) -> float:
-    """Accuracy in eval mode, in fixed-size padded chunks so one compiled program serves every set."""
+@functools.partial(nnx.jit, static_argnames="block_size")
+def _predict_perturbed(model, x, key, keep_prob, block_size):
+    # keep_prob is traced: one compilation per (model structure, block size) serves
+    # the whole keep_prob grid.
+    return jnp.argmax(model(x, perturb=InferenceDropBlock(key, keep_prob, block_size)), axis=-1)
+
+
+def accuracy(model: ResNet, x: np.ndarray, y: np.ndarray, chunk: int = 512, perturb=None) -> float:
+    """Accuracy in eval mode, in fixed-size padded chunks so one compiled program serves every set.
+
+    Args:
+      model: the model; put back in train mode afterwards.
+      x: images.
+      y: labels.
+      chunk: images per call.
+      perturb: None, or ``(key, keep_prob, block_size)`` of an
+        :class:`~dropblock_jax.models.InferenceDropBlock`; chunk ``i`` uses
+        ``fold_in(key, i)``.
+    """
     model.eval()
     correct = 0
-    for start in range(0, len(x), chunk):
+    for index, start in enumerate(range(0, len(x), chunk)):
         part = x[start : start + chunk]
         padded = np.zeros((chunk, *x.shape[1:]), np.float32)
         padded[: len(part)] = part
-        predictions = np.asarray(_predict(model, padded))[: len(part)]
-        correct += int((predictions == y[start : start + chunk]).sum())
+        if perturb is None:
+            predictions = _predict(model, padded)
+        else:
+            key, keep_prob, block_size = perturb
+            chunk_key = jax.random.fold_in(key, index)
+            predictions = _predict_perturbed(model, padded, chunk_key, jnp.float32(keep_prob), block_size)
+        correct += int((np.asarray(predictions)[: len(part)] == y[start : start + chunk]).sum())
     model.train()
     return correct / len(x)
+
+
+def inference_key(seed: int, block_size: int, keep_prob: float) -> jax.Array:
+    """The key of one robustness evaluation: fixed by (seed, block size, keep_prob), not by the model."""
+    key = jax.random.fold_in(jax.random.key(seed), block_size)
+    return jax.random.fold_in(key, round(keep_prob * 10_000))
+
+
+def stress(model: ResNet, data, test: StressTest, clean_accuracy: float, chunk: int = 512) -> tuple[float, dict]:
+    """Occlusion accuracy and the robustness curves of a trained model.
+
+    Returns:
+      ``(occlusion_accuracy, {str(block_size): [accuracy per keep_prob]})``; the
+      first point of each curve (keep_prob 1.0, where DropBlock is the identity) is
+      ``clean_accuracy``.
+    """
+    occluded = accuracy(model, test.x_occluded, data.y_test, chunk)
+    curves = {}
+    for block_size in test.block_sizes:
+        curve = [clean_accuracy]
+        for keep_prob in test.keep_probs[1:]:
+            key = inference_key(test.key_seed, block_size, keep_prob)
+            curve.append(accuracy(model, data.x_test, data.y_test, chunk, perturb=(key, keep_prob, block_size)))
+        curves[str(block_size)] = curve
+    return occluded, curves
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,7 +205,9 @@ def build_model(method: Method, config: TrainConfig, in_features: int, num_class
     )
 
 
-def train_one(method: Method, seed: int, data, config: TrainConfig, on_epoch=None) -> RunResult:
+def train_one(
+    method: Method, seed: int, data, config: TrainConfig, on_epoch=None, stress_test: StressTest | None = None
+) -> RunResult:
     """Trains one model and returns held-out and train accuracy, step time and curves.
 
     Args:
@@ -129,6 +216,8 @@ def train_one(method: Method, seed: int, data, config: TrainConfig, on_epoch=Non
       data: a :class:`~dropblock_jax.demo.data.Dataset`.
       config: the shared hyperparameters.
       on_epoch: called as ``on_epoch(epoch, held_out_accuracy)`` after every epoch.
+      stress_test: if given, the trained model is also scored with occlusion and with
+        DropBlock at inference (see :func:`stress`).
     """
     n = len(data.x_train)
     batch = min(config.batch_size, n)
@@ -170,7 +259,7 @@ def train_one(method: Method, seed: int, data, config: TrainConfig, on_epoch=Non
             curve.append((epoch + 1, accuracy(model, data.x_test, data.y_test, config.eval_chunk)))
         if on_epoch is not None:
             on_epoch(epoch, curve[-1][1] if curve else float("nan"))
-    return RunResult(
+    result = RunResult(
         method=method.name,
         seed=seed,
         test_accuracy=curve[-1][1],
@@ -179,3 +268,8 @@ def train_one(method: Method, seed: int, data, config: TrainConfig, on_epoch=Non
         curve=curve,
         keep_prob_curve=keep_curve,
     )
+    if stress_test is not None:
+        result.occlusion_accuracy, result.robustness = stress(
+            model, data, stress_test, result.test_accuracy, config.eval_chunk
+        )
+    return result
