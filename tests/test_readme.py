@@ -1,14 +1,22 @@
-"""Every ```python block of README.md runs, in order, in one namespace."""
+"""Every ```python block of README.md and of docs/*.md runs, in order, one namespace a file."""
 
 import pathlib
 import re
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def test_readme_python_blocks_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert blocks, "README.md has no python example"
-    namespace = {"__name__": "readme"}
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+def test_python_blocks_run(document):
+    blocks = re.findall(r"```python\n(.*?)```", document.read_text(), flags=re.DOTALL)
+    namespace = {"__name__": document.stem}
     for number, block in enumerate(blocks, 1):
-        exec(compile(block, f"README.md python block {number}", "exec"), namespace)
+        exec(compile(block, f"{document.name} python block {number}", "exec"), namespace)
+
+
+def test_every_document_but_the_demo_report_has_examples():
+    with_examples = {p.name for p in DOCUMENTS if "```python" in p.read_text()}
+    assert with_examples >= {"README.md", "arguments.md", "layers.md", "recipe.md"}, with_examples
