@@ -117,9 +117,7 @@ class PackedMask:
         repeated = jnp.repeat(self.dropped_bits, self.per_word, axis=self.axis)
         if repeated.shape[self.axis] != self.size:
             repeated = lax.slice_in_dim(repeated, 0, self.size, axis=self.axis)
-        bit_shape = [1] * repeated.ndim
-        bit_shape[self.axis] = self.size
-        bit = (np.arange(self.size) % self.per_word).astype(WORD_DTYPE).reshape(bit_shape)
+        bit = lax.broadcasted_iota(WORD_DTYPE, repeated.shape, self.axis) % WORD_DTYPE(self.per_word)
         return ((repeated >> bit) & 1 == 0).reshape(self.mask_shape)
 
     @property

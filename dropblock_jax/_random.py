@@ -8,10 +8,11 @@ compiles to a few integer instructions inside the fusion that consumes it, needs
 state, and, because an element's bits depend on its global position only, a sharded
 array computes exactly the one-device bits on every shard with no communication.
 
-The hash is XXH32 (Y. Collet, xxHash, https://github.com/Cyan4973/xxHash) of the 8-byte
-message ``(row, column)``: the element's index split into a row (the leading axes)
-and a column (the trailing axes, fewer than ``2 ** 32`` elements), so that arrays of
-any size get distinct messages. Its seed is XXH32 of the key's data words. XXH32 is
+The hash is XXH32 (Y. Collet, xxHash, https://github.com/Cyan4973/xxHash) of the
+element's row-major index as a 4-byte message; an array of ``2 ** 32`` elements or more
+hashes the 8-byte message ``(row, column)``, the index split into a row (the leading
+axes) and a column (the trailing axes, fewer than ``2 ** 32`` elements), so that
+arrays of any size get distinct messages. Its seed is XXH32 of the key's data words. XXH32 is
 a well-mixed, full-avalanche hash whose use as a counter-based generator was
 evaluated by Jarzynski and Olano, "Hash Functions for GPU Rendering", JCGT 9(3),
 2020. It is not a cryptographic generator; the tests check the properties DropBlock
@@ -101,6 +102,10 @@ def position_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
             f"shape {shape} has too many elements to index with two 32-bit words "
             "(its leading axes and its trailing axes must each hold fewer than 2**32)."
         )
-    row = _flat_index(shape[:split], shape, 0)
-    column = _flat_index(shape[split:], shape, split)
-    return xxh32_words([jnp.broadcast_to(row, shape), jnp.broadcast_to(column, shape)], key_seed(key))
+    column = jnp.broadcast_to(_flat_index(shape[split:], shape, split), shape)
+    if split == 0:
+        # Fewer than 2**32 elements: the index alone, a one-word message (and a third
+        # less to compile than two words).
+        return xxh32_words([column], key_seed(key))
+    row = jnp.broadcast_to(_flat_index(shape[:split], shape, 0), shape)
+    return xxh32_words([row, column], key_seed(key))

@@ -55,6 +55,15 @@ def test_split_keys_give_distinct_bits():
     assert len({row.tobytes() for row in bits}) == 64
 
 
+def test_position_bits_hash_the_flat_index_below_2_to_the_32_elements():
+    key = jax.random.key(4)
+    shape = (3, 5, 7)
+    bits = np.asarray(_random.position_bits(key, shape))
+    seed = int(_random.key_seed(key))
+    expected = [_reference([index], seed) for index in range(np.prod(shape))]
+    np.testing.assert_array_equal(bits, np.asarray(expected, np.uint32).reshape(shape))
+
+
 def test_shapes_past_2_to_the_32_elements_trace():
     out = jax.eval_shape(lambda k: _random.position_bits(k, (8, 2**30)), jax.random.key(0))
     assert out.shape == (8, 2**30) and out.dtype == jnp.uint32
