@@ -240,8 +240,9 @@ def mask_layout(shape, block_size, spatial_axes, broadcast_dims, seed_region: st
     broadcast = _normalize_axes("broadcast_dims", broadcast_dims, ndim)
     shared = sorted(set(broadcast) & set(axes))
     if shared:
+        given = tuple(broadcast_dims) if isinstance(broadcast_dims, (tuple, list)) else (broadcast_dims,)
         raise ValueError(
-            f"broadcast_dims must not contain a spatial axis: got broadcast_dims={tuple(broadcast_dims)!r} "
+            f"broadcast_dims must not contain a spatial axis: got broadcast_dims={given!r} "
             f"with spatial axes {axes}."
         )
     sizes = tuple(shape[a] for a in axes)
