@@ -8,7 +8,10 @@ MIN_TESTS := tests/test_functional.py tests/test_linen.py tests/test_nnx.py test
 	tests/test_errors.py tests/test_api.py tests/test_statistics.py tests/test_equinox.py \
 	tests/test_random.py tests/test_lowering.py
 
-.PHONY: test test-env test-env-min test-latest test-min demo bench clean
+# What ruff lints and format-checks; the notebooks and Markdown pages are checked by running them.
+LINT_PATHS := dropblock_jax tests benchmarks conftest.py
+
+.PHONY: test test-env test-env-min lint test-latest test-min demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +22,10 @@ $(MIN_BIN)/python:
 	$(MIN_BIN)/python -m pip install --quiet --upgrade pip
 
 # The installs run one after the other (both write the package's build metadata into the
-# source tree); the two suites then run side by side, each printing when it ends: a pytest
-# process leaves much of a second core idle.
-test: test-env test-env-min
+# source tree), then the linters (seconds, so a lint error fails before the suites start);
+# the two suites then run side by side, each printing when it ends: a pytest process leaves
+# much of a second core idle.
+test: test-env test-env-min lint
 	$(MAKE) --no-print-directory --output-sync=target -j2 test-latest test-min
 
 test-env: $(BIN)/python
@@ -29,6 +33,12 @@ test-env: $(BIN)/python
 
 test-env-min: $(MIN_BIN)/python
 	$(MIN_BIN)/python -m pip install --quiet --constraint requirements-min.txt -e '.[test]'
+
+# ruff: lint and format check; mypy: the types of dropblock_jax (configured in pyproject.toml).
+lint: test-env
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
 
 test-latest:
 	$(BIN)/python -m pytest

@@ -23,7 +23,6 @@ import time
 
 import flax
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 import dropblock_jax as db
@@ -138,7 +137,7 @@ def run(shapes, repeats: int) -> list[str]:
                     f"{m.min_ms:.2f} | {m.min_ms / dropout.min_ms:.3f} | {m.min_ms / floor.min_ms:.2f} | "
                     f"{m.temp_bytes / input_bytes:.2f} | {m.compile_s:.2f} |"
                 )
-            print("\n".join(lines[-len(measured):]), file=sys.stderr, flush=True)
+            print("\n".join(lines[-len(measured) :]), file=sys.stderr, flush=True)
     return lines
 
 

@@ -36,7 +36,7 @@ def table(keep_prob: float, block_size: int, draws: int, seed_region: str) -> li
             realized = np.asarray(
                 jax.jit(
                     jax.vmap(
-                        lambda k: db.block_mask(
+                        lambda k, shape=shape, gamma=gamma: db.block_mask(
                             k, shape, keep_prob, block_size, seed_region=seed_region, gamma=gamma
                         ).mean()
                     )

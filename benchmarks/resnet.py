@@ -230,8 +230,16 @@ def _progress(message: str):
     print(message, file=sys.stderr, flush=True)
 
 
-def run(depth: int, image_size: int, batch: int, rounds: int, variants: Sequence[str], num_classes: int,
-        schedule_step: int, compile_rounds: int = 1) -> list[dict]:
+def run(
+    depth: int,
+    image_size: int,
+    batch: int,
+    rounds: int,
+    variants: Sequence[str],
+    num_classes: int,
+    schedule_step: int,
+    compile_rounds: int = 1,
+) -> list[dict]:
     init_model = ResNet(depth, num_classes, "none")
     # Regularizers hold no parameters and the head follows a global pool, so one small
     # init serves every variant and every image size.
@@ -253,7 +261,9 @@ def run(depth: int, image_size: int, batch: int, rounds: int, variants: Sequence
     for round_index in range(1, compile_rounds):
         for row in rows:
             row.compile_once()
-        _progress(f"compile round {round_index + 1}/{compile_rounds}: " + ", ".join(f"{r.compile_s:.1f}" for r in rows) + " s")
+        _progress(
+            f"compile round {round_index + 1}/{compile_rounds}: " + ", ".join(f"{r.compile_s:.1f}" for r in rows) + " s"
+        )
     for round_index in range(rounds):
         for row in rows:
             row.time_once()
@@ -268,8 +278,8 @@ def table(results: list[dict]) -> list[str]:
         return f"{result[field] / base[field]:.3f}" if base else "-"
 
     lines = [
-        "| regularizer | compile s | compile / none | compile CPU / none | bytes accessed / none | flops / none | temp MB "
-        "| temp / none | step ms median | step ms min | step / none (median) | step / none (min) |",
+        "| regularizer | compile s | compile / none | compile CPU / none | bytes accessed / none | flops / none "
+        "| temp MB | temp / none | step ms median | step ms min | step / none (median) | step / none (min) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -320,8 +330,16 @@ def main():
         f"batch {args.batch}; train step; min of {args.compile_rounds} compiles, {args.rounds} timed rounds, "
         "each round-robin"
     )
-    results = run(args.depth, args.image_size, args.batch, args.rounds, args.variants, args.num_classes,
-                  args.schedule_step, args.compile_rounds)
+    results = run(
+        args.depth,
+        args.image_size,
+        args.batch,
+        args.rounds,
+        args.variants,
+        args.num_classes,
+        args.schedule_step,
+        args.compile_rounds,
+    )
     print("\n".join([header, "", *table(results)]), flush=True)
     if args.json:
         info = {

@@ -5,10 +5,8 @@ convolutional feature maps: it drops contiguous blocks, so that spatially correl
 information cannot leak around the hole.
 """
 
-from dropblock_jax._functional import block_mask
-from dropblock_jax._functional import drop_block
-from dropblock_jax._rates import expected_keep_fraction
-from dropblock_jax._rates import seed_rate
+from dropblock_jax._functional import block_mask, drop_block
+from dropblock_jax._rates import expected_keep_fraction, seed_rate
 from dropblock_jax._version import __version__
 from dropblock_jax.linen import DropBlock
 

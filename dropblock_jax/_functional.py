@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from dropblock_jax._geometry import (
     GAMMA_MODES,
@@ -18,47 +20,52 @@ from dropblock_jax._geometry import (
 from dropblock_jax._mask import COUNT_LOW_BITS, PackedMask, check_key, packed_block_mask
 from dropblock_jax._rates import checked_probability, concrete_value, gamma_for, keep_fraction
 
-
 # The keyword options of drop_block that a layer holds as attributes of the same names.
 LAYER_OPTIONS = ("spatial_axes", "broadcast_dims", "seed_region", "gamma", "normalize", "axis_name")
 
 
-def layer_options(layer) -> dict:
+def layer_options(layer: object) -> dict[str, Any]:
     """The drop_block keyword options a layer holds, by name."""
     return {name: getattr(layer, name) for name in LAYER_OPTIONS}
 
 
-def _layout(shape, block_size, spatial_axes, broadcast_dims, seed_region, gamma) -> MaskLayout:
+def _layout(
+    shape: tuple[int, ...],
+    block_size: int | Sequence[int],
+    spatial_axes: int | Sequence[int] | None,
+    broadcast_dims: int | Sequence[int],
+    seed_region: str,
+    gamma: str,
+) -> MaskLayout:
     check_choice("gamma", gamma, GAMMA_MODES)
     return mask_layout(shape, block_size, spatial_axes, broadcast_dims, seed_region)
 
 
-def _check_floating(x) -> jax.Array:
+# Any, not ArrayLike: objects with ``__jax_array__`` are accepted and pass through as they are.
+def _check_floating(x: Any) -> jax.Array:
     if not isinstance(x, (jax.Array, jnp.ndarray)) and not hasattr(x, "__jax_array__"):
         x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"x must be a floating array (float16, bfloat16, float32, float64), got dtype {x.dtype}."
-        )
+        raise TypeError(f"x must be a floating array (float16, bfloat16, float32, float64), got dtype {x.dtype}.")
     return x
 
 
-def _mask_and_gamma(key, keep, layout: MaskLayout, gamma: str):
+def _mask_and_gamma(key: jax.Array, keep: jax.Array, layout: MaskLayout, gamma: str) -> tuple[PackedMask, jax.Array]:
     seed_gamma = gamma_for(keep, layout.geometry, gamma)
     return packed_block_mask(key, layout, seed_gamma), seed_gamma
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "gamma"))
-def _block_mask(key, keep, layout: MaskLayout, gamma: str):
+def _block_mask(key: jax.Array, keep: jax.Array, layout: MaskLayout, gamma: str) -> jax.Array:
     mask, _ = _mask_and_gamma(key, keep, layout, gamma)
     return jnp.broadcast_to(mask.kept(), layout.shape)
 
 
-def _from_parts(high: jax.Array, low: jax.Array, dtype) -> jax.Array:
+def _from_parts(high: jax.Array, low: jax.Array, dtype: DTypeLike) -> jax.Array:
     return high.astype(dtype) * (1 << COUNT_LOW_BITS) + low.astype(dtype)
 
 
-def _batch_scale(mask: PackedMask, axis_name, dtype) -> jax.Array:
+def _batch_scale(mask: PackedMask, axis_name: Hashable | None, dtype: DTypeLike) -> jax.Array:
     """``count / count_kept`` of the mask, over ``axis_name`` too; 0 when nothing is kept.
 
     Both counts are exact integers (the mask's broadcast axes cancel out of the
@@ -79,7 +86,15 @@ def _batch_scale(mask: PackedMask, axis_name, dtype) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "gamma", "normalize", "axis_name"))
-def _drop_block(key, x, keep, layout: MaskLayout, gamma: str, normalize: str, axis_name):
+def _drop_block(
+    key: jax.Array,
+    x: jax.Array,
+    keep: jax.Array,
+    layout: MaskLayout,
+    gamma: str,
+    normalize: str,
+    axis_name: Hashable | None,
+) -> jax.Array:
     mask, seed_gamma = _mask_and_gamma(key, keep, layout, gamma)
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     if normalize == "batch":
@@ -95,17 +110,17 @@ def _drop_block(key, x, keep, layout: MaskLayout, gamma: str, normalize: str, ax
 
 
 def drop_block(
-    key,
+    key: ArrayLike,
     x: ArrayLike,
     keep_prob: ArrayLike,
-    block_size=7,
+    block_size: int | Sequence[int] = 7,
     *,
-    spatial_axes=None,
-    broadcast_dims=(),
+    spatial_axes: Sequence[int] | None = None,
+    broadcast_dims: Sequence[int] = (),
     seed_region: str = "valid",
     gamma: str = "paper",
     normalize: str = "batch",
-    axis_name=None,
+    axis_name: Hashable | None = None,
 ) -> jax.Array:
     """DropBlock: zeroes random contiguous blocks of a feature map and rescales the rest.
 
@@ -169,13 +184,13 @@ def drop_block(
 
 
 def block_mask(
-    key,
-    shape,
+    key: ArrayLike,
+    shape: Sequence[int],
     keep_prob: ArrayLike,
-    block_size=7,
+    block_size: int | Sequence[int] = 7,
     *,
-    spatial_axes=None,
-    broadcast_dims=(),
+    spatial_axes: Sequence[int] | None = None,
+    broadcast_dims: Sequence[int] = (),
     seed_region: str = "valid",
     gamma: str = "paper",
 ) -> jax.Array:

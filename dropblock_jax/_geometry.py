@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Sequence
+from typing import TypeGuard
 
 import numpy as np
 
@@ -29,17 +30,19 @@ NORMALIZE_MODES = ("batch", "expected", "none")
 DEFAULT_SPATIAL_RANK = 2
 
 
-def check_choice(name: str, value, allowed: Sequence[str]) -> str:
+def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
+    """Returns ``value`` if it is one of the strings ``allowed``; raises ValueError otherwise."""
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}.")
     return value
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
+    # NumPy integers count: they act as ints wherever sizes and axes are used.
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def parse_block_size(block_size, rank: int | None = None) -> tuple[int, ...]:
+def parse_block_size(block_size: int | Sequence[int], rank: int | None = None) -> tuple[int, ...]:
     """Returns ``block_size`` as a tuple of ints >= 1.
 
     An int becomes a cube over ``rank`` axes (2 when ``rank`` is None); a tuple must
@@ -50,19 +53,15 @@ def parse_block_size(block_size, rank: int | None = None) -> tuple[int, ...]:
     elif isinstance(block_size, (tuple, list)) and block_size and all(map(_is_int, block_size)):
         sizes = tuple(int(b) for b in block_size)
         if rank is not None and len(sizes) != rank:
-            raise ValueError(
-                f"block_size must have one entry per spatial axis ({rank}), got {block_size!r}."
-            )
+            raise ValueError(f"block_size must have one entry per spatial axis ({rank}), got {block_size!r}.")
     else:
-        raise TypeError(
-            f"block_size must be an int or a non-empty tuple of ints, got {block_size!r}."
-        )
+        raise TypeError(f"block_size must be an int or a non-empty tuple of ints, got {block_size!r}.")
     if min(sizes) < 1:
         raise ValueError(f"block_size entries must be >= 1, got {block_size!r}.")
     return sizes
 
 
-def _normalize_axes(name: str, axes, ndim: int) -> tuple[int, ...]:
+def _normalize_axes(name: str, axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     if _is_int(axes):
         axes = (axes,)
     if not isinstance(axes, (tuple, list)) or not all(map(_is_int, axes)):
@@ -131,6 +130,7 @@ class SpatialGeometry:
 
     @property
     def num_positions(self) -> int:
+        """Number of positions of the map."""
         return int(np.prod(self.sizes))
 
     @property
@@ -173,7 +173,9 @@ def spatial_geometry(sizes: Sequence[int], block: Sequence[int], seed_region: st
     )
 
 
-def feature_geometry(feature_shape, block_size, seed_region: str) -> SpatialGeometry:
+def feature_geometry(
+    feature_shape: int | Sequence[int], block_size: int | Sequence[int], seed_region: str
+) -> SpatialGeometry:
     """Geometry from the ``feature_shape`` / ``block_size`` arguments of the rate functions."""
     if _is_int(feature_shape):
         feature_shape = (feature_shape,)
@@ -220,7 +222,13 @@ class MaskLayout:
         return tuple(shape)
 
 
-def mask_layout(shape, block_size, spatial_axes, broadcast_dims, seed_region: str) -> MaskLayout:
+def mask_layout(
+    shape: Sequence[int],
+    block_size: int | Sequence[int],
+    spatial_axes: int | Sequence[int] | None,
+    broadcast_dims: int | Sequence[int],
+    seed_region: str,
+) -> MaskLayout:
     """Checks the array-level arguments and returns the static layout."""
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
@@ -240,9 +248,9 @@ def mask_layout(shape, block_size, spatial_axes, broadcast_dims, seed_region: st
     broadcast = _normalize_axes("broadcast_dims", broadcast_dims, ndim)
     shared = sorted(set(broadcast) & set(axes))
     if shared:
+        given = tuple(broadcast_dims) if isinstance(broadcast_dims, (tuple, list)) else (broadcast_dims,)
         raise ValueError(
-            f"broadcast_dims must not contain a spatial axis: got broadcast_dims={tuple(broadcast_dims)!r} "
-            f"with spatial axes {axes}."
+            f"broadcast_dims must not contain a spatial axis: got broadcast_dims={given!r} with spatial axes {axes}."
         )
     sizes = tuple(shape[a] for a in axes)
     if min(sizes) < 1:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ _MAX_PART_ENTRIES = (1 << 31) - 1
 MAX_MASK_ENTRIES = 1 << 40
 
 
-def check_key(key) -> jax.Array:
+def check_key(key: object) -> jax.Array:
     """Returns a typed PRNG key, accepting typed keys of any impl and legacy uint32 keys."""
     if isinstance(key, (jax.Array, np.ndarray)):
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -52,10 +53,12 @@ def check_key(key) -> jax.Array:
                     f"key must be a single PRNG key, got a key array of shape {key.shape}; "
                     "use jax.vmap for a batch of keys."
                 )
-            return key
+            # Only a jax.Array has a PRNG key dtype.
+            return cast(jax.Array, key)
         legacy_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
         if key.dtype == jnp.uint32 and key.shape == legacy_shape:
-            return jax.random.wrap_key_data(key)
+            # wrap_key_data takes NumPy arrays too; its annotation names jax.Array only.
+            return jax.random.wrap_key_data(key)  # type: ignore[arg-type]
     raise TypeError(
         "key must be a PRNG key from jax.random.key (any impl) or a legacy "
         f"jax.random.PRNGKey, got {type(key).__name__} with "
@@ -82,8 +85,7 @@ def bernoulli_seed_words(
 
 
 def _pack_axis(layout: MaskLayout) -> int:
-    """The non-spatial axis flags are packed along: the last one with >= 32 mask entries,
-    else the one with the most."""
+    """The non-spatial axis flags are packed along: the last one with >= 32 mask entries, else the one with the most."""
     mask_shape = layout.mask_shape
     candidates = [a for a in range(len(mask_shape)) if a not in layout.spatial_axes]
     return max(candidates, key=lambda a: (min(mask_shape[a], FLAGS_PER_WORD), a))
@@ -91,8 +93,9 @@ def _pack_axis(layout: MaskLayout) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class PackedMask:
-    """Dropped flags of a mask, 32 to a word along ``axis`` (bit ``i`` of word ``j`` is
-    entry ``32 * j + i``; entries past ``size`` are padding).
+    """Dropped flags of a mask, 32 to a word along ``axis``.
+
+    Bit ``i`` of word ``j`` is entry ``32 * j + i``; entries past ``size`` are padding.
 
     Attributes:
       dropped_bits: uint32 array, the mask's shape with ``axis`` cut to ``ceil(size / 32)``.
@@ -108,8 +111,10 @@ class PackedMask:
 
     @property
     def per_word(self) -> int:
-        """Flags a word holds: 32, or all of a shorter axis (a sharded axis then needs
-        no slicing, which would move data between devices)."""
+        """Flags a word holds: 32, or all of a shorter axis.
+
+        A sharded axis then needs no slicing, which would move data between devices.
+        """
         return min(FLAGS_PER_WORD, self.size)
 
     def kept(self) -> jax.Array:

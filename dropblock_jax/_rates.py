@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,14 +18,16 @@ from dropblock_jax._geometry import GAMMA_MODES, SpatialGeometry, check_choice, 
 _CALIBRATION_STEPS = 8
 
 
-def rate_dtype():
+def rate_dtype() -> np.dtype:
     """float32, or float64 when ``jax_enable_x64`` is on."""
     return jnp.asarray(1.0).dtype
 
 
 def concrete_value(value: ArrayLike) -> float | None:
     """The value of a scalar as a float, or None while it is traced."""
-    return None if isinstance(value, core.Tracer) else float(value)
+    # Callers pass real scalars (checked_probability refuses the rest); ArrayLike also
+    # names complex numbers, which have no float().
+    return None if isinstance(value, core.Tracer) else float(value)  # type: ignore[arg-type]
 
 
 def checked_probability(name: str, value: ArrayLike) -> jax.Array:
@@ -92,8 +96,8 @@ def gamma_for(keep: jax.Array, geometry: SpatialGeometry, gamma: str) -> jax.Arr
 
 def seed_rate(
     keep_prob: ArrayLike,
-    feature_shape,
-    block_size=7,
+    feature_shape: int | Sequence[int],
+    block_size: int | Sequence[int] = 7,
     *,
     seed_region: str = "valid",
     gamma: str = "paper",
@@ -136,7 +140,13 @@ def seed_rate(
     return gamma_for(checked_probability("keep_prob", keep_prob), geometry, gamma)
 
 
-def expected_keep_fraction(gamma: ArrayLike, feature_shape, block_size=7, *, seed_region: str = "valid") -> jax.Array:
+def expected_keep_fraction(
+    gamma: ArrayLike,
+    feature_shape: int | Sequence[int],
+    block_size: int | Sequence[int] = 7,
+    *,
+    seed_region: str = "valid",
+) -> jax.Array:
     """The exact expected fraction of kept units for seed rate ``gamma``.
 
     A position is kept when none of the seeds whose block covers it fires, so the

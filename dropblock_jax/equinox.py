@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +13,7 @@ try:
     import equinox as eqx
 except ImportError as error:
     raise ImportError(
-        "dropblock_jax.equinox needs Equinox, which is not installed: "
-        "pip install dropblock-jax[equinox]"
+        "dropblock_jax.equinox needs Equinox, which is not installed: pip install dropblock-jax[equinox]"
     ) from error
 
 from dropblock_jax._functional import drop_block, layer_options
@@ -33,9 +32,10 @@ from dropblock_jax._rates import checked_probability, concrete_value
 _UNKNOWN_RANK = sys.maxsize
 
 
-def _axes_tuple(name: str, axes) -> tuple[int, ...]:
+def _axes_tuple(name: str, axes: int | Sequence[int]) -> tuple[int, ...]:
     _normalize_axes(name, axes, _UNKNOWN_RANK)
-    return (int(axes),) if not isinstance(axes, (tuple, list)) else tuple(int(a) for a in axes)
+    # _normalize_axes let through an int or a tuple or list of ints only.
+    return tuple(int(a) for a in axes) if isinstance(axes, Sequence) else (int(axes),)
 
 
 class DropBlock(eqx.Module):
@@ -104,9 +104,9 @@ class DropBlock(eqx.Module):
         seed_region: str = "valid",
         gamma: str = "paper",
         normalize: str = "batch",
-        axis_name=None,
+        axis_name: Hashable | None = None,
         inference: bool = False,
-    ):
+    ) -> None:
         checked = checked_probability("keep_prob", keep_prob)
         concrete = concrete_value(keep_prob)
         # Stored like jnp.asarray(0.9) and a schedule's output (weakly typed, default float

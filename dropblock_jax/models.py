@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,15 +58,19 @@ def stage_keep_prob(keep_prob: ArrayLike, stages_from_last: int) -> jax.Array:
     return 1.0 - (1.0 - keep) / _STAGE_DROP_DECAY**stages_from_last
 
 
-def _check_args(regularizer, widths, blocks, regularized_stages, block_size):
+def _check_args(
+    regularizer: str,
+    widths: Sequence[int],
+    blocks: Sequence[int],
+    regularized_stages: int,
+    block_size: int | Sequence[int],
+) -> None:
     if regularizer not in REGULARIZERS:
         raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}.")
     if len(widths) == 0 or any(not isinstance(w, int) or w < 1 for w in widths):
         raise ValueError(f"widths must be a non-empty sequence of positive ints, got {tuple(widths)!r}.")
     if len(blocks) != len(widths) or any(not isinstance(b, int) or b < 1 for b in blocks):
-        raise ValueError(
-            f"blocks must give a positive int per stage ({len(widths)} stages), got {tuple(blocks)!r}."
-        )
+        raise ValueError(f"blocks must give a positive int per stage ({len(widths)} stages), got {tuple(blocks)!r}.")
     if not isinstance(regularized_stages, int) or not 0 <= regularized_stages <= len(widths):
         raise ValueError(
             f"regularized_stages must be an int in [0, {len(widths)}] (the number of stages), "
@@ -74,7 +79,9 @@ def _check_args(regularizer, widths, blocks, regularized_stages, block_size):
     _check_block_size(block_size)
 
 
-def _make_drop(regularizer, keep_prob, block_size, rngs):
+def _make_drop(
+    regularizer: str, keep_prob: float, block_size: int | tuple[int, ...], rngs: nnx.Rngs
+) -> DropBlock | nnx.Dropout | None:
     """The regularizing layer placed after a batch norm, or None."""
     if regularizer == "none":
         return None
@@ -88,7 +95,7 @@ def _make_drop(regularizer, keep_prob, block_size, rngs):
     return nnx.Dropout(rate, broadcast_dims=(1, 2), rngs=rngs)
 
 
-def _apply(drop, x):
+def _apply(drop: DropBlock | nnx.Dropout | None, x: jax.Array) -> jax.Array:
     return x if drop is None else drop(x)
 
 
@@ -96,7 +103,7 @@ def _apply(drop, x):
 _PLACES = ("drop1", "drop2", "proj_drop")
 
 
-def _check_block_size(block_size):
+def _check_block_size(block_size: int | Sequence[int]) -> None:
     try:
         sizes = (block_size,) if isinstance(block_size, int) else tuple(block_size)
     except TypeError:
@@ -153,7 +160,8 @@ class InferenceDropBlock:
     per_stage: bool = True
     normalize: str = "batch"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        """Checks ``keep_prob``, ``block_size`` and ``per_stage``."""
         checked_probability("keep_prob", self.keep_prob)
         _check_block_size(self.block_size)
         if not isinstance(self.per_stage, bool):
@@ -199,16 +207,16 @@ class ResidualBlock(nnx.Module):
         block_size: int | tuple[int, ...] = 3,
         bn_momentum: float = 0.9,
         rngs: nnx.Rngs,
-    ):
-        conv = dict(use_bias=False, rngs=rngs)
+    ) -> None:
+        conv: dict[str, Any] = dict(use_bias=False, rngs=rngs)
         self.conv1 = nnx.Conv(in_features, out_features, (3, 3), strides=strides, **conv)
         self.bn1 = nnx.BatchNorm(out_features, momentum=bn_momentum, rngs=rngs)
         self.drop1 = _make_drop(regularizer, keep_prob, block_size, rngs)
         self.conv2 = nnx.Conv(out_features, out_features, (3, 3), **conv)
-        self.bn2 = nnx.BatchNorm(
-            out_features, momentum=bn_momentum, scale_init=nnx.initializers.zeros, rngs=rngs
-        )
+        self.bn2 = nnx.BatchNorm(out_features, momentum=bn_momentum, scale_init=nnx.initializers.zeros, rngs=rngs)
         self.drop2 = _make_drop(regularizer, keep_prob, block_size, rngs)
+        self.proj: nnx.Conv | None
+        self.proj_bn: nnx.BatchNorm | None
         if strides != 1 or in_features != out_features:
             self.proj = nnx.Conv(in_features, out_features, (1, 1), strides=strides, **conv)
             self.proj_bn = nnx.BatchNorm(out_features, momentum=bn_momentum, rngs=rngs)
@@ -222,12 +230,12 @@ class ResidualBlock(nnx.Module):
         ``place`` is the index of the place in ``("drop1", "drop2", "proj_drop")``.
         """
 
-        def regularize(drop, y, name):
+        def regularize(drop: DropBlock | nnx.Dropout | None, y: jax.Array, name: str) -> jax.Array:
             y = _apply(drop, y)
             return y if perturb is None else perturb(y, _PLACES.index(name))
 
         shortcut = x
-        if self.proj is not None:
+        if self.proj is not None and self.proj_bn is not None:
             shortcut = regularize(self.proj_drop, self.proj_bn(self.proj(x)), "proj_drop")
         y = regularize(self.drop1, nnx.relu(self.bn1(self.conv1(x))), "drop1")
         y = regularize(self.drop2, self.bn2(self.conv2(y)), "drop2")
@@ -297,7 +305,7 @@ class ResNet(nnx.Module):
         regularized_stages: int = 2,
         bn_momentum: float = 0.9,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         widths, blocks = tuple(widths), tuple(blocks)
         _check_args(regularizer, widths, blocks, regularized_stages, block_size)
         checked_probability("keep_prob", keep_prob)
@@ -330,7 +338,9 @@ class ResNet(nnx.Module):
         self.stages = nnx.List(stages)
         self.head = nnx.Linear(features, num_classes, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, perturb: InferenceDropBlock | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, perturb: Callable[[jax.Array, tuple[int, int, int], int], jax.Array] | None = None
+    ) -> jax.Array:
         """The logits of ``x``, NHWC.
 
         Args:
@@ -348,13 +358,13 @@ class ResNet(nnx.Module):
                 hook = None
                 if perturb is not None and from_last < self.regularized_stages:
 
-                    def hook(y, place, s=s, b=b, from_last=from_last):
+                    def hook(y: jax.Array, place: int, s: int = s, b: int = b, from_last: int = from_last) -> jax.Array:
                         return perturb(y, (s, b, place), from_last)
 
                 x = block(x, hook)
         return self.head(jnp.mean(x, axis=(1, 2)))
 
-    def _regularized(self):
+    def _regularized(self) -> list[tuple[nnx.List, int]]:
         """(stage, stages_from_last) for every regularized stage."""
         count = len(self.stages)
         pairs = [(stage, count - 1 - i) for i, stage in enumerate(self.stages)]

@@ -60,7 +60,7 @@ class DropBlock(nnx.Module):
         deterministic: bool = False,
         rng_collection: str = "dropout",
         rngs: nnx.Rngs | nnx.RngStream | None = None,
-    ):
+    ) -> None:
         checked_probability("keep_prob", keep_prob)
         self.keep_prob = nnx.Variable(jnp.asarray(keep_prob, jnp.float32))
         self.block_size = block_size
@@ -107,7 +107,7 @@ class DropBlock(nnx.Module):
         keep = self.keep_prob[...] if keep_prob is None else keep_prob
         return drop_block(key, inputs, keep, self.block_size, **layer_options(self))
 
-    def _key(self, rngs) -> jax.Array:
+    def _key(self, rngs: nnx.Rngs | nnx.RngStream | jax.Array | None) -> jax.Array:
         rngs = self.rngs if rngs is None else rngs
         if isinstance(rngs, nnx.Rngs):
             return rngs[self.rng_collection]()
@@ -123,13 +123,13 @@ class DropBlock(nnx.Module):
             "layer(x, deterministic=True)."
         )
 
-    def set_view(self, deterministic: bool | None = None):
+    def set_view(self, deterministic: bool | None = None) -> None:
         """Used by ``nnx.view``: ``deterministic=True`` disables DropBlock."""
         if deterministic is not None:
             self.deterministic = deterministic
 
 
-def set_keep_prob(module_tree, value: ArrayLike) -> None:
+def set_keep_prob(module_tree: object, value: ArrayLike) -> None:
     """Sets ``keep_prob`` of every :class:`DropBlock` inside ``module_tree``.
 
     The value is stored in each layer's ``keep_prob`` variable, so an ``nnx.jit``

@@ -33,7 +33,11 @@ CASES = [
     ("batch_maps_low_rate", (8, 32, 32, 16), dict(keep_prob=0.95, normalize="batch")),
     ("expected_maps_low_rate", (8, 32, 32, 16), dict(keep_prob=0.95, normalize="expected")),
     ("batch_shared_channels", (8, 32, 32, 16), dict(keep_prob=0.95, normalize="batch", broadcast_dims=(-1,))),
-    ("calibrated_everywhere", (8, 8, 8, 4), dict(keep_prob=0.8, normalize="expected", gamma="calibrated", seed_region="everywhere")),
+    (
+        "calibrated_everywhere",
+        (8, 8, 8, 4),
+        dict(keep_prob=0.8, normalize="expected", gamma="calibrated", seed_region="everywhere"),
+    ),
 ]
 KEEP_PROB = 0.8
 BLOCK = 3
@@ -98,7 +102,9 @@ def check_sharded_equals_one_device() -> dict:
             if kwargs["normalize"] == normalize
         ]
         keeps = tuple(jnp.asarray(kwargs["keep_prob"]) for _, _, kwargs in CASES if kwargs["normalize"] == normalize)
-        xs = tuple(jax.random.normal(jax.random.fold_in(jax.random.key(1), i), shape) for i, (_, shape, _) in enumerate(cases))
+        xs = tuple(
+            jax.random.normal(jax.random.fold_in(jax.random.key(1), i), shape) for i, (_, shape, _) in enumerate(cases)
+        )
         fn = _jit_cases(cases)
         ys_one = fn(key, jax.device_put(xs, jax.devices()[0]), keeps)
         for layout, sharding in _layouts().items():
@@ -127,7 +133,11 @@ def check_past_2_to_the_31_units() -> dict:
     for layout, sharding in _layouts().items():
         x = jax.ShapeDtypeStruct(big, jnp.bfloat16, sharding=sharding)
         for normalize, broadcast_dims in [("batch", ()), ("batch", (-1,)), ("expected", ())]:
-            fn = jax.jit(lambda k, x, kp: drop_block(k, x, kp, 7, broadcast_dims=broadcast_dims, normalize=normalize))
+            fn = jax.jit(
+                lambda k, x, kp, broadcast_dims=broadcast_dims, normalize=normalize: drop_block(
+                    k, x, kp, 7, broadcast_dims=broadcast_dims, normalize=normalize
+                )
+            )
             collectives = _collectives(fn.lower(jax.random.key(0), x, jnp.float32(0.9)).compile().as_text())
             programs[f"{normalize}{broadcast_dims}/{layout}"] = {
                 "forbidden": collectives["forbidden"],
@@ -184,11 +194,7 @@ def check_shard_map_batch_normalization() -> dict:
 
 
 def _equal_pairs(per_device) -> list[bool]:
-    return [
-        bool(np.array_equal(per_device[i], per_device[j]))
-        for i in range(DEVICES)
-        for j in range(i + 1, DEVICES)
-    ]
+    return [bool(np.array_equal(per_device[i], per_device[j])) for i in range(DEVICES) for j in range(i + 1, DEVICES)]
 
 
 def check_per_device_keys() -> dict:
@@ -269,8 +275,13 @@ def check_data_parallel_training_step() -> dict:
         rng,
     )
     (p1, _, loss1, dropped1), (p4, _, loss4, dropped4) = single, sharded
-    param_diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4))]
-    param_steps = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params))]
+    param_diffs = [
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4))
+    ]
+    param_steps = [
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params))
+    ]
     return {
         "loss_one": float(loss1),
         "loss_sharded": float(loss4),
@@ -281,7 +292,9 @@ def check_data_parallel_training_step() -> dict:
         "dropped_max_abs_diff": float(np.max(np.abs(np.asarray(dropped1) - np.asarray(dropped4)))),
         "param_max_abs_diff": max(param_diffs),
         "param_min_step": min(param_steps),
-        "finite": bool(np.isfinite(float(loss4)) and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(p4))),
+        "finite": bool(
+            np.isfinite(float(loss4)) and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(p4))
+        ),
     }
 
 
@@ -300,7 +313,7 @@ def main() -> None:
     for check in CHECKS:
         try:
             results[check.__name__] = check()
-        except Exception:  # noqa: BLE001 - every failure is reported to the test that owns it.
+        except Exception:  # every failure is reported to the test that owns it.
             results[check.__name__] = {"error": traceback.format_exc()}
     print(json.dumps(results))
 

@@ -48,8 +48,21 @@ def assert_finite_positive(texts):
 def test_resnet_prints_one_table_with_every_variant(tmp_path):
     from_json = tmp_path / "resnet.json"
     stdout = run_script(
-        "resnet.py", "--depth", "18", "--image-size", "32", "--batch", "2", "--rounds", "1", "--compile-rounds", "1",
-        "--num-classes", "10", "--json", str(from_json),
+        "resnet.py",
+        "--depth",
+        "18",
+        "--image-size",
+        "32",
+        "--batch",
+        "2",
+        "--rounds",
+        "1",
+        "--compile-rounds",
+        "1",
+        "--num-classes",
+        "10",
+        "--json",
+        str(from_json),
     )
     assert stdout.splitlines()[0].startswith("jax "), stdout
     assert "ResNet-18" in stdout.splitlines()[0]

@@ -61,7 +61,7 @@ def check_stress_results(results, stdout):
             assert np.isfinite(summary[key]) and 0.0 <= summary[key] <= 100.0, (name, key, summary[key])
     paired = results["paired"]["metrics"]
     assert sorted(paired) == ["area_b1", "area_b3", "clean", "occlusion"]
-    for metric, per_method in paired.items():
+    for per_method in paired.values():
         assert list(per_method) == METHOD_NAMES[1:]
         for d in per_method.values():
             values = [d["lower"], d["mean"], d["upper"], *d["differences"]]
@@ -191,7 +191,10 @@ def good_arrays(n_train=12, n_test=6, shape=(8, 8, 1)):
     ("change", "message"),
     [
         (dict(x_test=None), r"lacks array\(s\) x_test; it has \['x_train', 'y_test', 'y_train'\]"),
-        (dict(x_train=np.zeros((12, 8, 8), np.float32)), r"x_train must be 4-D NHWC images \(N, H, W, C\), got shape \(12, 8, 8\)"),
+        (
+            dict(x_train=np.zeros((12, 8, 8), np.float32)),
+            r"x_train must be 4-D NHWC images \(N, H, W, C\), got shape \(12, 8, 8\)",
+        ),
         (dict(x_test=np.zeros((6, 8, 8, 3), np.float32)), r"same \(H, W, C\), got \(8, 8, 1\) and \(8, 8, 3\)"),
         (dict(y_train=np.zeros(5, np.int64)), r"y_train must be 1-D with one label per image \(12\), got shape \(5,\)"),
         (dict(y_test=np.full(6, 0.5)), "y_test must hold integer class labels, got dtype float64"),
@@ -212,7 +215,7 @@ def test_bad_npz_is_refused_with_a_message_that_says_what_is_expected(tmp_path, 
 
 def test_missing_file_is_named(tmp_path, capsys):
     missing = str(tmp_path / "nope.npz")
-    with pytest.raises(FileNotFoundError, match="nope.npz"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.npz"):
         load_npz(missing)
     with pytest.raises(SystemExit):
         main(["--data", missing])
@@ -223,7 +226,7 @@ def test_missing_file_is_named(tmp_path, capsys):
 def test_not_an_npz_is_refused(tmp_path):
     path = tmp_path / "data.npz"
     path.write_text("not a zip")
-    with pytest.raises(DataError, match="is not a readable .npz file"):
+    with pytest.raises(DataError, match=r"is not a readable \.npz file"):
         load_npz(path)
 
 

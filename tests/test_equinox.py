@@ -102,8 +102,9 @@ def test_the_scheduled_value_reaches_the_jitted_layer():
 def test_equals_drop_block_for_the_same_key():
     key = jax.random.key(7)
     np.testing.assert_array_equal(DropBlock(0.7, 3)(X_HWC, key=key), drop_block(key, X_HWC, 0.7, 3))
-    options = dict(spatial_axes=(1, 2), broadcast_dims=(0,), seed_region="everywhere",
-                   gamma="calibrated", normalize="expected")
+    options = dict(
+        spatial_axes=(1, 2), broadcast_dims=(0,), seed_region="everywhere", gamma="calibrated", normalize="expected"
+    )
     np.testing.assert_array_equal(
         DropBlock(0.7, (3, 2), **options)(X_CHW, key=key),
         drop_block(key, X_CHW, 0.7, (3, 2), **options),

@@ -95,6 +95,7 @@ def test_bad_spatial_axes(spatial_axes, error, message):
     "broadcast_dims,message",
     [
         ((1,), r"broadcast_dims must not contain a spatial axis: got broadcast_dims=\(1,\)"),
+        (1, r"broadcast_dims must not contain a spatial axis: got broadcast_dims=\(1,\)"),
         ((-2,), r"broadcast_dims must not contain a spatial axis"),
         ((7,), r"broadcast_dims entry 7 is out of range"),
         ((0, 0), r"broadcast_dims must not repeat an axis"),

@@ -22,7 +22,9 @@ def test_keep_prob_one_is_identity_and_zero_drops_everything(seed_region, gamma,
     x = _x()
     kwargs = dict(seed_region=seed_region, gamma=gamma, normalize=normalize)
     key = jax.random.key(0)
-    np.testing.assert_array_equal(np.asarray(db.drop_block(key, x, 1.0, 5, **kwargs)).view(np.uint32), np.asarray(x).view(np.uint32))
+    np.testing.assert_array_equal(
+        np.asarray(db.drop_block(key, x, 1.0, 5, **kwargs)).view(np.uint32), np.asarray(x).view(np.uint32)
+    )
     # A traced keep_prob of 1 takes the general path and is still bit for bit the input.
     traced = jax.jit(lambda p: db.drop_block(key, x, p, 5, **kwargs))(1.0)
     np.testing.assert_array_equal(np.asarray(traced).view(np.uint32), np.asarray(x).view(np.uint32))
@@ -154,7 +156,7 @@ def test_gradient_is_mask_times_scale():
     x = _x()
     key = jax.random.key(2)
     for normalize in ["batch", "expected", "none"]:
-        grad = jax.grad(lambda x: jnp.sum(db.drop_block(key, x, 0.8, 3, normalize=normalize)))(x)
+        grad = jax.grad(lambda x, normalize=normalize: jnp.sum(db.drop_block(key, x, 0.8, 3, normalize=normalize)))(x)
         y = db.drop_block(key, jnp.ones_like(x), 0.8, 3, normalize=normalize)
         np.testing.assert_allclose(grad, y, rtol=1e-6)
 
@@ -178,7 +180,10 @@ def test_axis_name_is_ignored_by_the_modes_that_need_no_counts():
     keys = jax.random.split(jax.random.key(0), 4)
     for normalize in ["expected", "none"]:
         with_name = jax.vmap(
-            lambda k, xi: db.drop_block(k, xi, 0.7, 3, normalize=normalize, axis_name="batch"), axis_name="batch"
+            lambda k, xi, normalize=normalize: db.drop_block(k, xi, 0.7, 3, normalize=normalize, axis_name="batch"),
+            axis_name="batch",
         )(keys, ones)
-        without = jax.vmap(lambda k, xi: db.drop_block(k, xi, 0.7, 3, normalize=normalize))(keys, ones)
+        without = jax.vmap(lambda k, xi, normalize=normalize: db.drop_block(k, xi, 0.7, 3, normalize=normalize))(
+            keys, ones
+        )
         np.testing.assert_array_equal(with_name, without)

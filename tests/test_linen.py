@@ -158,8 +158,13 @@ def test_scheduled_keep_prob_compiles_once_with_finite_loss_and_grads():
     traces = []
 
     def loss_fn(params, step, rng, train):
-        logits = model.apply({"params": params}, images, train=train, keep_prob=schedule(step),
-                             rngs={} if rng is None else {"dropout": rng})
+        logits = model.apply(
+            {"params": params},
+            images,
+            train=train,
+            keep_prob=schedule(step),
+            rngs={} if rng is None else {"dropout": rng},
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     @jax.jit
@@ -200,8 +205,7 @@ def test_inside_nn_scan_rng_split_per_step():
             split_rngs={"params": False, "dropout": split},
             in_axes=(0, nn.broadcast),
         )
-        _, ys = scanned().apply({}, jnp.zeros(()), xs, jnp.asarray(0.5),
-                                rngs={"dropout": jax.random.key(0)})
+        _, ys = scanned().apply({}, jnp.zeros(()), xs, jnp.asarray(0.5), rngs={"dropout": jax.random.key(0)})
         outputs[split] = ys
         assert ys.shape == xs.shape
     split_masks = np.asarray(outputs[True] != 0)
@@ -228,7 +232,9 @@ def test_inside_nn_remat_recomputes_the_same_mask():
     rngs = {"dropout": jax.random.key(1)}
     results = {}
     for remat in (False, True):
-        fn = jax.jit(jax.value_and_grad(lambda p, x: Net(remat).apply({"params": p}, x, rngs=rngs), argnums=(0, 1)))
+        fn = jax.jit(
+            jax.value_and_grad(lambda p, x, remat=remat: Net(remat).apply({"params": p}, x, rngs=rngs), argnums=(0, 1))
+        )
         results[remat] = fn(params, X)
     (loss_plain, grads_plain), (loss_remat, grads_remat) = results[False], results[True]
     assert float(loss_plain) == float(loss_remat)

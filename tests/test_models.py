@@ -123,9 +123,9 @@ def test_inference_dropblock_acts_at_the_regularizer_places_of_every_regularizer
         model = small(regularizer)
         model.eval()
         np.testing.assert_array_equal(model(x, perturb=record), model(x))
-        assert sorted(calls) == [
-            ((1, 0, p), 1, (2, 8, 8, 8)) for p in range(3)
-        ] + [((2, 0, p), 0, (2, 4, 4, 8)) for p in range(3)]
+        assert sorted(calls) == [((1, 0, p), 1, (2, 8, 8, 8)) for p in range(3)] + [
+            ((2, 0, p), 0, (2, 4, 4, 8)) for p in range(3)
+        ]
     calls.clear()
     small(regularized_stages=0)(x, perturb=record)
     assert calls == []

@@ -37,7 +37,8 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
         for cell in notebook.cells
         if cell.cell_type == "code"
         for output in cell.outputs
-        if output.output_type == "error" or (output.output_type == "stream" and output.name == "stderr" and "Warning" in output.text)
+        if output.output_type == "error"
+        or (output.output_type == "stream" and output.name == "stderr" and "Warning" in output.text)
     ]
     assert not errors, f"{path.name}: {errors}"
     assert os.listdir(tmp_path) == []

@@ -19,9 +19,7 @@ PACKAGE = "dropblock_jax"
 
 
 def _run(*command, timeout=300, **kwargs):
-    result = subprocess.run(
-        [str(c) for c in command], capture_output=True, text=True, timeout=timeout, **kwargs
-    )
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout, **kwargs)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -51,7 +49,8 @@ def test_the_wheel_holds_the_package_and_nothing_else(dist):
 
 def test_the_sdist_holds_the_sources(dist):
     sdist, _ = dist
-    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    with tarfile.open(sdist) as archive:
+        names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
     for name in ["pyproject.toml", "README.md", f"{PACKAGE}/__init__.py", f"{PACKAGE}/py.typed"]:
         assert name in names
 

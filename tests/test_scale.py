@@ -22,7 +22,7 @@ def test_every_mode_traces_past_2_to_the_31_units(layout, seed_region):
     key = jax.random.key(0)
     for normalize, gamma in itertools.product(["batch", "expected", "none"], ["paper", "calibrated"]):
         out = jax.eval_shape(
-            lambda k, x, kp: db.drop_block(
+            lambda k, x, kp, gamma=gamma, normalize=normalize: db.drop_block(
                 k, x, kp, 7, broadcast_dims=LAYOUTS[layout], seed_region=seed_region, gamma=gamma, normalize=normalize
             ),
             key,

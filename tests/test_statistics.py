@@ -2,13 +2,12 @@
 the authors' algorithm (paper Algorithm 1 with the valid seed region)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_mean_matches
 from numpy.lib.stride_tricks import sliding_window_view
 
 import dropblock_jax as db
+from conftest import assert_mean_matches
 
 CASES = [
     # (spatial sizes, block, keep_prob)
@@ -46,7 +45,9 @@ def test_calibrated_gamma_hits_keep_prob_where_the_paper_gamma_does_not(seed_reg
     paper = db.seed_rate(0.9, (14, 14), 7, seed_region=seed_region)
     calibrated = db.seed_rate(0.9, (14, 14), 7, seed_region=seed_region, gamma="calibrated")
     assert abs(float(db.expected_keep_fraction(paper, (14, 14), 7, seed_region=seed_region)) - 0.9) > 0.005
-    np.testing.assert_allclose(db.expected_keep_fraction(calibrated, (14, 14), 7, seed_region=seed_region), 0.9, atol=1e-6)
+    np.testing.assert_allclose(
+        db.expected_keep_fraction(calibrated, (14, 14), 7, seed_region=seed_region), 0.9, atol=1e-6
+    )
     for sizes, block in [((7, 7), 7), ((30,), 3), ((6, 7, 8), (2, 3, 4)), ((56, 56), 7)]:
         # The solver itself is exact to float64 round-off ...
         with jax.enable_x64(True):

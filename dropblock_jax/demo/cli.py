@@ -9,6 +9,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,13 +22,13 @@ from dropblock_jax.demo.stats import mean_over_grid, paired_difference
 # the stress tests of every model fit in about four minutes on 2 cores.
 # Inference keep_probs of the robustness curves (the last stage's; the stage before keeps
 # the training ratio). At 1.0 DropBlock is the identity: the clean accuracy.
-DEFAULTS = dict(
+DEFAULTS: dict[str, Any] = dict(
     seeds=5, epochs=30, train_size=300, max_test=None, batch_size=50, eval_every=5, eval_chunk=512,
     inference_keep_probs=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5),
 )  # fmt: skip
 # The smoke run: its time goes to compiling the four model variants (and their
 # perturbed twins); a coarse keep_prob grid is enough to check that everything runs.
-QUICK = dict(
+QUICK: dict[str, Any] = dict(
     seeds=2, epochs=3, train_size=100, max_test=300, batch_size=25, eval_every=1, eval_chunk=320,
     inference_keep_probs=(1.0, 0.75, 0.5),
 )  # fmt: skip
@@ -61,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a smoke run in under a minute: 100 images, 3 epochs, 2 seeds, XLA backend optimizations "
         "off (compiling dominates such a run; its ms/step are not comparable to a full run's)",
     )
-    parser.add_argument("--seeds", type=int, help=f"seeds per method (default {DEFAULTS['seeds']}, quick {QUICK['seeds']})")
+    parser.add_argument(
+        "--seeds", type=int, help=f"seeds per method (default {DEFAULTS['seeds']}, quick {QUICK['seeds']})"
+    )
     parser.add_argument("--epochs", type=int, help=f"epochs (default {DEFAULTS['epochs']}, quick {QUICK['epochs']})")
     parser.add_argument(
         "--train-size",
@@ -69,22 +73,26 @@ def _parser() -> argparse.ArgumentParser:
         help=f"training images, class-balanced (digits default {DEFAULTS['train_size']}; "
         "--data default: all of x_train)",
     )
-    parser.add_argument("--scale", type=int, help="integer upscaling of the images (digits default 2: 16x16; --data default 1)")
-    parser.add_argument("--keep-prob", type=float, default=0.8, help="keep_prob of the last stage, all methods (default %(default)s)")
+    parser.add_argument(
+        "--scale", type=int, help="integer upscaling of the images (digits default 2: 16x16; --data default 1)"
+    )
+    parser.add_argument(
+        "--keep-prob", type=float, default=0.8, help="keep_prob of the last stage, all methods (default %(default)s)"
+    )
     parser.add_argument("--block-size", type=int, default=3, help="DropBlock block size (default %(default)s)")
     return parser
 
 
-def _check_positive(parser, name, value, low=1):
+def _check_positive(parser: argparse.ArgumentParser, name: str, value: float | None, low: float = 1) -> None:
     if value is not None and value < low:
         parser.error(f"{name} must be >= {low}, got {value}.")
 
 
-def _std(values):
+def _std(values: Sequence[float] | np.ndarray) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def run_metrics(run: dict, keep_probs) -> dict:
+def run_metrics(run: dict, keep_probs: Sequence[float]) -> dict:
     """The per-run numbers the comparison is made on, in percent.
 
     ``clean`` and ``occlusion`` are held-out accuracies; ``area_b<k>`` is the mean
@@ -97,7 +105,7 @@ def run_metrics(run: dict, keep_probs) -> dict:
     return metrics
 
 
-def _summary(runs, keep_probs):
+def _summary(runs: list[dict], keep_probs: Sequence[float]) -> dict:
     test = np.asarray([r["test_accuracy"] for r in runs]) * 100
     train = np.asarray([r["train_accuracy"] for r in runs]) * 100
     step = np.asarray([r["seconds_per_step"] for r in runs]) * 1000
@@ -115,7 +123,7 @@ def _summary(runs, keep_probs):
     )
 
 
-def paired_statistics(results: dict, keep_probs, baseline: str = BASELINE) -> dict:
+def paired_statistics(results: dict, keep_probs: Sequence[float], baseline: str = BASELINE) -> dict:
     """Each method minus ``baseline``, seed by seed, for every metric of :func:`run_metrics`.
 
     Returns:
@@ -138,8 +146,8 @@ def paired_statistics(results: dict, keep_probs, baseline: str = BASELINE) -> di
     return paired
 
 
-def _area_label(metric):
-    return f"drop b{metric[len('area_b'):]}"
+def _area_label(metric: str) -> str:
+    return f"drop b{metric[len('area_b') :]}"
 
 
 def format_table(summaries: dict) -> str:
@@ -180,7 +188,12 @@ def format_paired_table(paired: dict) -> str:
 
 def _missing_demo_packages() -> list[str]:
     missing = []
-    for module, package in (("optax", "optax"), ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"), ("tqdm", "tqdm")):
+    for module, package in (
+        ("optax", "optax"),
+        ("sklearn", "scikit-learn"),
+        ("matplotlib", "matplotlib"),
+        ("tqdm", "tqdm"),
+    ):
         try:
             __import__(module)
         except ImportError:
@@ -263,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         with tqdm(total=seeds * epochs, desc=f"{method.name:<20}", unit="epoch", file=sys.stderr) as bar:
             for seed in range(seeds):
 
-                def on_epoch(epoch, held_out, seed=seed):
+                def on_epoch(epoch: int, held_out: float, seed: int = seed) -> None:
                     bar.set_postfix(seed=seed, held_out=f"{held_out:.3f}")
                     bar.update(1)
 
@@ -287,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     plots.plot_curves(
         os.path.join(args.out, "curves.png"),
         results,
-        title=f"{dataset.name}, {len(dataset.x_train)} train images\nheld-out accuracy: mean, band = min..max over {seeds} seeds",
+        title=f"{dataset.name}, {len(dataset.x_train)} train images\n"
+        f"held-out accuracy: mean, band = min..max over {seeds} seeds",
     )
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(

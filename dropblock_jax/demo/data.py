@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
 NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -28,6 +29,7 @@ class Dataset:
     name: str
 
     def describe(self) -> str:
+        """One line naming the data set, its sizes, image shape and number of classes."""
         _, h, w, c = self.x_train.shape
         return (
             f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} held-out images, "
@@ -66,7 +68,7 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(np.asarray(order[:size], np.int64))
 
 
-def _standardize(x_train, x_test):
+def _standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = x_train.mean(axis=(0, 1, 2), keepdims=True)
     std = x_train.std(axis=(0, 1, 2), keepdims=True) + 1e-6
     return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
@@ -98,12 +100,10 @@ def load_digits(train_size: int = 300, scale: int = 2, split_seed: int = 0) -> D
     test = np.setdiff1d(np.arange(len(labels)), train)
     images = upscale(images, scale)
     x_train, x_test = _standardize(images[train], images[test])
-    return Dataset(
-        x_train, labels[train], x_test, labels[test], 10, f"digits (sklearn, upscaled x{scale})"
-    )
+    return Dataset(x_train, labels[train], x_test, labels[test], 10, f"digits (sklearn, upscaled x{scale})")
 
 
-def _labels(name, y, n):
+def _labels(name: str, y: npt.ArrayLike, n: int) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1 or len(y) != n:
         raise DataError(f"{name} must be 1-D with one label per image ({n}), got shape {y.shape}.")
@@ -194,7 +194,7 @@ def occlusion_corners(count: int, height: int, width: int, side: int, seed: int 
     return np.stack([rows, cols], axis=1)
 
 
-def occlude(images: np.ndarray, side: int, fill, seed: int = 0) -> np.ndarray:
+def occlude(images: np.ndarray, side: int, fill: npt.ArrayLike, seed: int = 0) -> np.ndarray:
     """A copy of NHWC ``images`` with one random ``side x side`` square each set to ``fill``.
 
     The squares are :func:`occlusion_corners` for ``seed``. The demo fills with the

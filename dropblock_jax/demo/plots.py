@@ -5,6 +5,11 @@ matplotlib is imported inside the functions, so the package imports without it.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
 import jax
 import numpy as np
 
@@ -16,7 +21,7 @@ GALLERY_GAMMAS = ("paper", "calibrated")
 GALLERY_SHARING = (("per-channel", ()), ("shared", (-1,)))
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     import matplotlib
 
     # A file backend: the demo runs in terminals, CI and notebooks' subprocesses alike.
@@ -26,7 +31,7 @@ def _pyplot():
     return plt
 
 
-def mask_gallery_data(size: int = 32, channels: int = 3, batch: int = 64, seed: int = 0):
+def mask_gallery_data(size: int = 32, channels: int = 3, batch: int = 64, seed: int = 0) -> list[dict[str, Any]]:
     """The masks the gallery shows, with the measured kept fraction of each setting.
 
     Args:
@@ -76,7 +81,7 @@ def mask_gallery_data(size: int = 32, channels: int = 3, batch: int = 64, seed: 
     return cells
 
 
-def plot_mask_gallery(path, size: int = 32, seed: int = 0) -> list[dict]:
+def plot_mask_gallery(path: str | os.PathLike, size: int = 32, seed: int = 0) -> list[dict[str, Any]]:
     """Saves the mask gallery to ``path`` and returns its cells (see :func:`mask_gallery_data`).
 
     Rows: block size x gamma rule; columns: keep_prob x (per-channel | shared across
@@ -109,7 +114,7 @@ def plot_mask_gallery(path, size: int = 32, seed: int = 0) -> list[dict]:
     return cells
 
 
-def plot_curves(path, results: dict, title: str = "") -> None:
+def plot_curves(path: str | os.PathLike, results: dict, title: str = "") -> None:
     """Saves held-out accuracy per epoch per method: the mean over seeds and its min-max band.
 
     Args:
@@ -139,7 +144,7 @@ def plot_curves(path, results: dict, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_robustness(path, results: dict, keep_probs, title: str = "") -> None:
+def plot_robustness(path: str | os.PathLike, results: dict, keep_probs: Sequence[float], title: str = "") -> None:
     """Saves held-out accuracy against inference keep_prob, one panel per inference block size.
 
     One line per method: the mean over seeds, with the min..max band.

@@ -8,9 +8,9 @@ baseline seed by seed: the per-seed differences cancel what the seeds share.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 # Two-sided 95% quantiles t_{0.975, df} of Student's t distribution for df = 1..30,
 # the standard table's values (to 4 decimals).
@@ -53,7 +53,7 @@ def t_quantile_975(df: int) -> float:
     )
 
 
-def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> dict:
+def paired_difference(values: npt.ArrayLike, baseline: npt.ArrayLike) -> dict:
     """Mean of ``values - baseline`` over paired runs, with its 95% t interval.
 
     Args:
@@ -98,7 +98,7 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> dic
     )
 
 
-def mean_over_grid(grid: Sequence[float], values: Sequence[float]) -> float:
+def mean_over_grid(grid: npt.ArrayLike, values: npt.ArrayLike) -> float:
     """The trapezoid area under ``values`` over ``grid``, divided by the grid's span.
 
     The mean height of the piecewise linear curve: for accuracies in percent, a

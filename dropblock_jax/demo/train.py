@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dropblock_jax.demo.data import Dataset
 from dropblock_jax.models import InferenceDropBlock, ResNet
 
 
@@ -89,23 +91,26 @@ class StressTest:
     x_occluded: np.ndarray = dataclasses.field(repr=False, compare=False)
     key_seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        """Checks the keep_prob grid and the block sizes."""
         keeps = np.asarray(self.keep_probs, np.float64)
         if keeps.ndim != 1 or len(keeps) < 2 or keeps[0] != 1.0 or not (np.diff(keeps) < 0).all() or keeps[-1] < 0:
             raise ValueError(
                 f"keep_probs must start at 1.0 and fall strictly, staying >= 0, got {tuple(self.keep_probs)!r}."
             )
-        if not self.block_sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.block_sizes):
+        if not self.block_sizes or any(
+            isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.block_sizes
+        ):
             raise ValueError(f"block_sizes must be a non-empty tuple of positive ints, got {self.block_sizes!r}.")
 
 
-def _loss(model, x, y):
+def _loss(model: ResNet, x: jax.Array, y: jax.Array) -> jax.Array:
     logits = model(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 @nnx.jit
-def _train_step(model, optimizer, x, y, keep_prob):
+def _train_step(model: ResNet, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array, keep_prob: jax.Array) -> jax.Array:
     if model.regularizer == "dropblock":
         # Inside the jitted step keep_prob is traced data: the layers' keep_prob
         # variables change, the compiled program does not, so the fixed and the
@@ -117,18 +122,24 @@ def _train_step(model, optimizer, x, y, keep_prob):
 
 
 @nnx.jit
-def _predict(model, x):
+def _predict(model: ResNet, x: jax.Array) -> jax.Array:
     return jnp.argmax(model(x), axis=-1)
 
 
-@functools.partial(nnx.jit, static_argnames="block_size")
-def _predict_perturbed(model, x, key, keep_prob, block_size):
+@nnx.jit(static_argnames="block_size")
+def _predict_perturbed(model: ResNet, x: jax.Array, key: jax.Array, keep_prob: jax.Array, block_size: int) -> jax.Array:
     # keep_prob is traced: one compilation per (model structure, block size) serves
     # the whole keep_prob grid.
     return jnp.argmax(model(x, perturb=InferenceDropBlock(key, keep_prob, block_size)), axis=-1)
 
 
-def accuracy(model: ResNet, x: np.ndarray, y: np.ndarray, chunk: int = 512, perturb=None) -> float:
+def accuracy(
+    model: ResNet,
+    x: np.ndarray,
+    y: np.ndarray,
+    chunk: int = 512,
+    perturb: tuple[jax.Array, float, int] | None = None,
+) -> float:
     """Accuracy in eval mode, in fixed-size padded chunks so one compiled program serves every set.
 
     Args:
@@ -146,12 +157,13 @@ def accuracy(model: ResNet, x: np.ndarray, y: np.ndarray, chunk: int = 512, pert
         part = x[start : start + chunk]
         padded = np.zeros((chunk, *x.shape[1:]), np.float32)
         padded[: len(part)] = part
+        # nnx.jit converts NumPy inputs; its typing repeats the traced signature (jax.Array).
         if perturb is None:
-            predictions = _predict(model, padded)
+            predictions = _predict(model, padded)  # type: ignore[arg-type]
         else:
             key, keep_prob, block_size = perturb
             chunk_key = jax.random.fold_in(key, index)
-            predictions = _predict_perturbed(model, padded, chunk_key, jnp.float32(keep_prob), block_size)
+            predictions = _predict_perturbed(model, padded, chunk_key, jnp.float32(keep_prob), block_size)  # type: ignore[arg-type]
         correct += int((np.asarray(predictions)[: len(part)] == y[start : start + chunk]).sum())
     model.train()
     return correct / len(x)
@@ -163,7 +175,9 @@ def inference_key(seed: int, block_size: int, keep_prob: float) -> jax.Array:
     return jax.random.fold_in(key, round(keep_prob * 10_000))
 
 
-def stress(model: ResNet, data, test: StressTest, clean_accuracy: float, chunk: int = 512) -> tuple[float, dict]:
+def stress(
+    model: ResNet, data: Dataset, test: StressTest, clean_accuracy: float, chunk: int = 512
+) -> tuple[float, dict]:
     """Occlusion accuracy and the robustness curves of a trained model.
 
     Returns:
@@ -206,7 +220,12 @@ def build_model(method: Method, config: TrainConfig, in_features: int, num_class
 
 
 def train_one(
-    method: Method, seed: int, data, config: TrainConfig, on_epoch=None, stress_test: StressTest | None = None
+    method: Method,
+    seed: int,
+    data: Dataset,
+    config: TrainConfig,
+    on_epoch: Callable[[int, float], object] | None = None,
+    stress_test: StressTest | None = None,
 ) -> RunResult:
     """Trains one model and returns held-out and train accuracy, step time and curves.
 
@@ -242,7 +261,8 @@ def train_one(
         started = time.perf_counter()
         for i in range(steps_per_epoch):
             idx = order[i * batch : (i + 1) * batch]
-            loss = _train_step(model, optimizer, data.x_train[idx], data.y_train[idx], keeps[step])
+            # NumPy batches: nnx.jit converts them (its typing names the traced jax.Array).
+            loss = _train_step(model, optimizer, data.x_train[idx], data.y_train[idx], keeps[step])  # type: ignore[arg-type]
             step += 1
             if epoch == 0 and i == 0:
                 # The first step compiles; leave it out of the time per step.
