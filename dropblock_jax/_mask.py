@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 
 from dropblock_jax._geometry import MaskLayout
-from dropblock_jax._random import position_bits
+from dropblock_jax._random import flat_index, position_bits
 
 # Flags are packed 32 to a uint32 word. Besides a 32nd of the elements to pool, words keep
 # the count one fused pass up to 1024 channels: XLA splits a reduction over a dimension
@@ -64,6 +64,15 @@ def check_key(key: object) -> jax.Array:
         f"jax.random.PRNGKey, got {type(key).__name__} with "
         f"dtype={getattr(key, 'dtype', None)} and shape={getattr(key, 'shape', None)}."
     )
+
+
+def flags_per_word(size: int) -> int:
+    """Flags a word holds along a packed axis of ``size`` entries.
+
+    32, or all of a shorter axis, so that unpacking a sharded axis needs no slice (which
+    would move data between devices).
+    """
+    return min(FLAGS_PER_WORD, size)
 
 
 def _pack_along_last_axis(flags: jax.Array, per_word: int) -> jax.Array:
@@ -111,11 +120,8 @@ class PackedMask:
 
     @property
     def per_word(self) -> int:
-        """Flags a word holds: 32, or all of a shorter axis.
-
-        A sharded axis then needs no slicing, which would move data between devices.
-        """
-        return min(FLAGS_PER_WORD, self.size)
+        """Flags a word holds (see :func:`flags_per_word`)."""
+        return flags_per_word(self.size)
 
     def kept(self) -> jax.Array:
         """The boolean mask, True = kept; cheap to fuse into the pass that applies it."""
@@ -166,10 +172,7 @@ def _parts_below(values: jax.Array, max_size: int) -> list[jax.Array]:
     if split == 0 or leading >= 1 << 32:
         raise ValueError(f"an array of shape {shape} cannot be counted in parts.")
     rows_per_part = max_size // math.prod(shape[split:])
-    row = sum(
-        lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(math.prod(shape[axis + 1 : split]))
-        for axis in range(split)
-    )
+    row = flat_index(shape[:split], shape, 0)
     zero = jnp.zeros((), values.dtype)
     return [
         jnp.where((row >= start) & (row < min(start + rows_per_part, leading)), values, zero)
@@ -193,7 +196,7 @@ def packed_block_mask(key: jax.Array, layout: MaskLayout, gamma: jax.Array) -> P
     axis = _pack_axis(layout)
     size = layout.mask_shape[axis]
     packed_shape = list(layout.seed_shape)
-    per_word = min(FLAGS_PER_WORD, size)
+    per_word = flags_per_word(size)
     packed_shape[axis] = -(-size // per_word)
     dropped = bernoulli_seed_words(key, tuple(packed_shape), lax.stop_gradient(gamma), per_word)
     ndim = len(layout.shape)

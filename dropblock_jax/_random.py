@@ -78,7 +78,7 @@ def key_seed(key: jax.Array) -> jax.Array:
     return seed
 
 
-def _flat_index(shape: tuple[int, ...], full_shape: tuple[int, ...], first_axis: int) -> jax.Array:
+def flat_index(shape: tuple[int, ...], full_shape: tuple[int, ...], first_axis: int) -> jax.Array:
     """Row-major index over ``shape`` (axes ``first_axis ..`` of ``full_shape``), uint32."""
     index = _u32(0)
     stride = 1
@@ -102,10 +102,10 @@ def position_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
             f"shape {shape} has too many elements to index with two 32-bit words "
             "(its leading axes and its trailing axes must each hold fewer than 2**32)."
         )
-    column = jnp.broadcast_to(_flat_index(shape[split:], shape, split), shape)
+    column = jnp.broadcast_to(flat_index(shape[split:], shape, split), shape)
     if split == 0:
         # Fewer than 2**32 elements: the index alone, a one-word message (and a third
         # less to compile than two words).
         return xxh32_words([column], key_seed(key))
-    row = jnp.broadcast_to(_flat_index(shape[:split], shape, 0), shape)
+    row = jnp.broadcast_to(flat_index(shape[:split], shape, 0), shape)
     return xxh32_words([row, column], key_seed(key))

@@ -17,3 +17,15 @@ def assert_mean_matches(samples, expected, standard_errors=5.0, slack=1e-6):
         f"mean {mean:.6f} differs from expected {float(expected):.6f} by more than "
         f"{standard_errors} standard errors ({tolerance:.2e}); n={samples.size}"
     )
+
+
+# The keyword options of drop_block and their defaults, as the public contract fixes them;
+# every layer takes the same ones.
+DROP_BLOCK_OPTION_DEFAULTS = {
+    "spatial_axes": None,
+    "broadcast_dims": (),
+    "seed_region": "valid",
+    "gamma": "paper",
+    "normalize": "batch",
+    "axis_name": None,
+}

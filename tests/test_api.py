@@ -5,6 +5,7 @@ import inspect
 import dropblock_jax
 import dropblock_jax.linen
 import dropblock_jax.nnx
+from conftest import DROP_BLOCK_OPTION_DEFAULTS
 
 
 def test_public_names():
@@ -21,14 +22,7 @@ def test_signatures_follow_the_contract():
     assert list(params)[:4] == ["key", "x", "keep_prob", "block_size"]
     assert params["block_size"].default == 7
     keyword_only = {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
-    assert keyword_only == {
-        "spatial_axes": None,
-        "broadcast_dims": (),
-        "seed_region": "valid",
-        "gamma": "paper",
-        "normalize": "batch",
-        "axis_name": None,
-    }
+    assert keyword_only == DROP_BLOCK_OPTION_DEFAULTS
     params = inspect.signature(dropblock_jax.block_mask).parameters
     assert list(params)[:4] == ["key", "shape", "keep_prob", "block_size"]
     params = inspect.signature(dropblock_jax.seed_rate).parameters

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import DROP_BLOCK_OPTION_DEFAULTS
 from dropblock_jax import drop_block
 from dropblock_jax.equinox import DropBlock
 
@@ -39,15 +40,7 @@ def test_signature_follows_the_contract():
     assert list(params)[1:3] == ["keep_prob", "block_size"]
     assert (params["keep_prob"].default, params["block_size"].default) == (0.9, 7)
     keyword_only = {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
-    assert keyword_only == {
-        "spatial_axes": None,
-        "broadcast_dims": (),
-        "seed_region": "valid",
-        "gamma": "paper",
-        "normalize": "batch",
-        "axis_name": None,
-        "inference": False,
-    }
+    assert keyword_only == {**DROP_BLOCK_OPTION_DEFAULTS, "inference": False}
     params = inspect.signature(DropBlock.__call__).parameters
     assert list(params) == ["self", "x", "key", "inference"]
     for name in ["key", "inference"]:
