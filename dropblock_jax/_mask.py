@@ -1,17 +1,15 @@
-"""Block masks: Bernoulli seeds on the seed grid, dilated into blocks, 32 flags a word.
+"""Block masks: Bernoulli seeds on the seed grid, dilated into blocks, up to 32 flags a word.
 
 *Random bits.* Every seed flag compares 32 bits of :func:`position_bits`, a keyed hash
-of its position, with ``gamma * 2**32``. The hash is elementwise, so it fuses into the
-pass that packs the flags, compiles to a few instructions (threefry's kernel costs
-~0.2 s of compile time at each call site) and, depending on the global position only,
-gives a sharded array the one-device flags with no communication. There is one path
-for every ``keep_prob``: no branch, traced or not.
+of its position (see ``_random``), with ``gamma * 2**32``. The hash is elementwise, so
+it fuses into the pass that packs the flags. There is one path for every
+``keep_prob``: no branch, traced or not.
 
-*Packed flags.* Seeds, and the dropped flags they dilate into, are kept 32 to a word
-along one non-spatial axis (the channels, or the batch when channels share a mask).
-Blocks extend only over spatial axes, so a bitwise-or max-pool dilates all 32 flags of a
-word at once, on a 32nd of the entries, and the full-size mask never exists in memory:
-it is unpacked inside the fused pass that applies it.
+*Packed flags.* Seeds, and the dropped flags they dilate into, are kept up to 32 to a
+``uint32`` word along one non-spatial axis (the channels, or the batch when channels
+share a mask). Blocks extend only over spatial axes, so a bitwise-or max-pool dilates
+all the flags of a word at once, and the full-size mask never exists in memory: it is
+unpacked inside the fused pass that applies it.
 
 *Separable pooling.* One 1-D ``lax.reduce_window`` per spatial axis.
 """
@@ -30,11 +28,12 @@ from jax import lax
 from dropblock_jax._geometry import MaskLayout
 from dropblock_jax._random import flat_index, position_bits
 
-# Flags are packed 32 to a uint32 word. Besides a 32nd of the elements to pool, words keep
+# Flags are packed up to 32 to a uint32 word. Besides fewer elements to pool, words keep
 # the count one fused pass up to 1024 channels: XLA splits a reduction over a dimension
 # longer than 32 into a reduce-window that first writes an int32 copy of its input.
 WORD_DTYPE = np.uint32
 FLAGS_PER_WORD = 32
+_BATCH_AXIS_FLAGS = 8
 # Counts are exact integers held in two int32 parts, ``high * 2**16 + low``. int32 sums
 # are exact below 2**31, so larger masks are counted in parts of fewer than 2**31
 # entries, one full reduction each (a scalar all-reduce under sharding), and the parts
@@ -66,13 +65,17 @@ def check_key(key: object) -> jax.Array:
     )
 
 
-def flags_per_word(size: int) -> int:
-    """Flags a word holds along a packed axis of ``size`` entries.
+def flags_per_word(size: int, axis: int) -> int:
+    """Flags a word holds along packed axis ``axis`` of ``size`` entries.
 
-    32, or all of a shorter axis, so that unpacking a sharded axis needs no slice (which
-    would move data between devices).
+    The largest divisor of ``size`` up to 32, or up to 8 along the leading (batch) axis:
+    words then tile the axis exactly (no padding flags), and an axis whose shards hold a
+    multiple of that many entries (or that is one word) unpacks on each device without
+    moving data. Data parallelism shards the batch, and batches per device are multiples
+    of 8 far more often than of 32.
     """
-    return min(FLAGS_PER_WORD, size)
+    limit = _BATCH_AXIS_FLAGS if axis == 0 else FLAGS_PER_WORD
+    return max(d for d in range(1, min(limit, size) + 1) if size % d == 0)
 
 
 def _pack_along_last_axis(flags: jax.Array, per_word: int) -> jax.Array:
@@ -85,7 +88,11 @@ def _pack_along_last_axis(flags: jax.Array, per_word: int) -> jax.Array:
 def bernoulli_seed_words(
     key: jax.Array, shape: tuple[int, ...], gamma: jax.Array, per_word: int = FLAGS_PER_WORD
 ) -> jax.Array:
-    """Words of ``shape`` holding ``per_word`` independent Bernoulli(``gamma``) flags each."""
+    """Words of ``shape`` holding ``per_word`` independent Bernoulli(``gamma``) flags each.
+
+    The flags of a word are consecutive along the last axis of the hashed positions;
+    which axis the words are packed along does not matter, since all flags are i.i.d.
+    """
     bits = position_bits(key, (*shape[:-1], shape[-1] * per_word))
     # Compare 32-bit integers against gamma * 2**32: no float conversion per position.
     threshold = jnp.floor(gamma.astype(jnp.float32) * np.float32(2.0**32))
@@ -102,12 +109,12 @@ def _pack_axis(layout: MaskLayout) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class PackedMask:
-    """Dropped flags of a mask, 32 to a word along ``axis``.
+    """Dropped flags of a mask, ``per_word`` to a word along ``axis``.
 
-    Bit ``i`` of word ``j`` is entry ``32 * j + i``; entries past ``size`` are padding.
+    Bit ``i`` of word ``j`` is entry ``per_word * j + i`` (see :func:`flags_per_word`).
 
     Attributes:
-      dropped_bits: uint32 array, the mask's shape with ``axis`` cut to ``ceil(size / 32)``.
+      dropped_bits: uint32 array, the mask's shape with ``axis`` cut to ``size / per_word``.
       axis: the packed axis.
       size: the mask's length along ``axis``.
       mask_shape: the shape of the unpacked mask.
@@ -121,13 +128,11 @@ class PackedMask:
     @property
     def per_word(self) -> int:
         """Flags a word holds (see :func:`flags_per_word`)."""
-        return flags_per_word(self.size)
+        return flags_per_word(self.size, self.axis)
 
     def kept(self) -> jax.Array:
         """The boolean mask, True = kept; cheap to fuse into the pass that applies it."""
         repeated = jnp.repeat(self.dropped_bits, self.per_word, axis=self.axis)
-        if repeated.shape[self.axis] != self.size:
-            repeated = lax.slice_in_dim(repeated, 0, self.size, axis=self.axis)
         bit = lax.broadcasted_iota(WORD_DTYPE, repeated.shape, self.axis) % WORD_DTYPE(self.per_word)
         return ((repeated >> bit) & 1 == 0).reshape(self.mask_shape)
 
@@ -144,12 +149,7 @@ class PackedMask:
         """
         if self.num_entries >= MAX_MASK_ENTRIES:
             raise ValueError(f"masks of fewer than 2**40 entries are supported, got shape {self.mask_shape}.")
-        valid_shape = [1] * self.dropped_bits.ndim
-        valid_shape[self.axis] = self.dropped_bits.shape[self.axis]
-        entries = np.arange(self.dropped_bits.shape[self.axis] * self.per_word).reshape(-1, self.per_word)
-        bits = np.arange(self.per_word, dtype=WORD_DTYPE)
-        valid = np.sum((entries < self.size).astype(WORD_DTYPE) << bits, axis=1, dtype=WORD_DTYPE)
-        dropped = lax.population_count(self.dropped_bits & valid.reshape(valid_shape))
+        dropped = lax.population_count(self.dropped_bits)
         parts = [jnp.sum(part, dtype=jnp.int32) for part in _parts_below(dropped, _MAX_PART_ENTRIES // FLAGS_PER_WORD)]
         low_mask = (1 << COUNT_LOW_BITS) - 1
         dropped_high = sum(part >> COUNT_LOW_BITS for part in parts)
@@ -196,11 +196,11 @@ def packed_block_mask(key: jax.Array, layout: MaskLayout, gamma: jax.Array) -> P
     axis = _pack_axis(layout)
     size = layout.mask_shape[axis]
     packed_shape = list(layout.seed_shape)
-    per_word = flags_per_word(size)
-    packed_shape[axis] = -(-size // per_word)
+    per_word = flags_per_word(size, axis)
+    packed_shape[axis] = size // per_word
     dropped = bernoulli_seed_words(key, tuple(packed_shape), lax.stop_gradient(gamma), per_word)
     ndim = len(layout.shape)
-    # One 1-D pool per spatial axis; bitwise or dilates the 32 flags of a word at once.
+    # One 1-D pool per spatial axis; bitwise or dilates all the flags of a word at once.
     for spatial_axis, window_size, padding in zip(layout.spatial_axes, geometry.windows, geometry.padding):
         window = [1] * ndim
         window[spatial_axis] = window_size

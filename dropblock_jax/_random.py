@@ -9,15 +9,18 @@ state, and, because an element's bits depend on its global position only, a shar
 array computes exactly the one-device bits on every shard with no communication.
 
 The hash is XXH32 (Y. Collet, xxHash, https://github.com/Cyan4973/xxHash) of the
-element's row-major index as a 4-byte message; an array of ``2 ** 32`` elements or more
-hashes the 8-byte message ``(row, column)``, the index split into a row (the leading
-axes) and a column (the trailing axes, fewer than ``2 ** 32`` elements), so that
-arrays of any size get distinct messages. Its seed is XXH32 of the key's data words. XXH32 is
-a well-mixed, full-avalanche hash whose use as a counter-based generator was
-evaluated by Jarzynski and Olano, "Hash Functions for GPU Rendering", JCGT 9(3),
-2020. It is not a cryptographic generator; the tests check the properties DropBlock
-relies on (rates, variances, uniformity over positions and bits, independence of
-neighbours and of keys).
+12-byte message ``(index, key word 0, key word 1)``: the element's row-major index, then
+64 bits of the key. The index is mixed before the key enters, so two keys give
+unrelated bits, not shifted copies of one stream (which a key used as XXH32's seed
+would give, since the seed and the index are then only added). An array of ``2 ** 32``
+elements or more splits the index into a row (the leading axes) and a column (the
+trailing axes, fewer than ``2 ** 32`` elements) and hashes ``(column, key word 0,
+XXH32((row, key word 1), seed=key word 0))``. XXH32 is a full-avalanche hash whose use
+as a counter-based generator was evaluated by Jarzynski and Olano, "Hash Functions for
+GPU Rendering", JCGT 9(3), 2020. It is not a cryptographic generator; the tests check
+the properties DropBlock relies on (rates, variances, uniformity over positions and
+bits, independence of neighbouring flags, rows and keys, and no key's stream being a
+shifted copy of another's).
 """
 
 from __future__ import annotations
@@ -68,14 +71,21 @@ def xxh32_words(words: list[jax.Array], seed: jax.Array) -> jax.Array:
     return _avalanche(accumulator)
 
 
-def key_seed(key: jax.Array) -> jax.Array:
-    """A uint32 seed from every data word of a typed PRNG key (any impl)."""
+def key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """64 bits of a typed PRNG key (any impl) as two uint32 words.
+
+    A threefry key is its two data words; a longer key (rbg: four) folds each half of
+    its words into one with XXH32.
+    """
     words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
-    seed = _u32(0)
-    # Chained, so keys of any impl (2 words for threefry, 4 for rbg) are fully used.
-    for start in range(0, words.shape[0], 2):
-        seed = xxh32_words([words[i] for i in range(start, min(start + 2, words.shape[0]))], seed)
-    return seed
+    halves = (words[: words.shape[0] // 2], words[words.shape[0] // 2 :])
+    folded = []
+    for half in halves:
+        word = half[0]
+        for start in range(1, half.shape[0], 2):
+            word = xxh32_words([half[i] for i in range(start, min(start + 2, half.shape[0]))], word)
+        folded.append(word)
+    return folded[0], folded[1]
 
 
 def flat_index(shape: tuple[int, ...], full_shape: tuple[int, ...], first_axis: int) -> jax.Array:
@@ -102,10 +112,12 @@ def position_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
             f"shape {shape} has too many elements to index with two 32-bit words "
             "(its leading axes and its trailing axes must each hold fewer than 2**32)."
         )
+    first, second = key_words(key)
     column = jnp.broadcast_to(flat_index(shape[split:], shape, split), shape)
-    if split == 0:
-        # Fewer than 2**32 elements: the index alone, a one-word message (and a third
-        # less to compile than two words).
-        return xxh32_words([column], key_seed(key))
-    row = jnp.broadcast_to(flat_index(shape[:split], shape, 0), shape)
-    return xxh32_words([row, column], key_seed(key))
+    if split > 0:
+        # Past 2**32 elements each row gets its own key word, a hash of the row and the key.
+        row = flat_index(shape[:split], shape, 0)
+        second = jnp.broadcast_to(xxh32_words([row, second], first), shape)
+    # The position comes first: it is mixed before the key words are added, so two keys
+    # give unrelated bits rather than shifted copies of one stream.
+    return xxh32_words([column, first, second], _u32(0))

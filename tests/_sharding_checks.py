@@ -33,6 +33,9 @@ CASES = [
     ("batch_maps_low_rate", (8, 32, 32, 16), dict(keep_prob=0.95, normalize="batch")),
     ("expected_maps_low_rate", (8, 32, 32, 16), dict(keep_prob=0.95, normalize="expected")),
     ("batch_shared_channels", (8, 32, 32, 16), dict(keep_prob=0.95, normalize="batch", broadcast_dims=(-1,))),
+    # Words of 24 channels (one a device on the batch x channels mesh), words of 8 samples.
+    ("batch_channels_in_words_of_24", (8, 16, 16, 48), dict(keep_prob=0.8, normalize="batch")),
+    ("batch_shared_over_32_samples", (32, 16, 16, 4), dict(keep_prob=0.8, normalize="batch", broadcast_dims=(-1,))),
     (
         "calibrated_everywhere",
         (8, 8, 8, 4),

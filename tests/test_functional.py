@@ -103,7 +103,7 @@ def test_dropped_units_are_zero_even_for_inf_and_nan_inputs():
 
 @pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
 def test_same_key_same_result_with_and_without_jit(impl):
-    x = _x((4, 28, 28, 64))  # large enough for the sparse seed path
+    x = _x((4, 28, 28, 64))  # maps of a real network's size
     key = jax.random.key(3, impl=impl)
     eager = db.drop_block(key, x, 0.9, 7)
     np.testing.assert_array_equal(eager, db.drop_block(key, x, 0.9, 7))

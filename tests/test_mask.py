@@ -208,11 +208,14 @@ def test_seed_flags_are_independent_bernoulli_over_positions_bits_and_keys(gamma
         assert abs(both.mean() - expected) < tolerance, (name, both.mean(), expected)
 
 
-@pytest.mark.parametrize("channels", [13, 45])
-def test_packed_mask_counts_only_real_entries(channels):
-    # 13 channels pack into one word with 19 padding flags, 45 into two with 19; padding
-    # flags draw seeds too and must not be counted.
-    shape = (64, 9, 9, channels)
+@pytest.mark.parametrize("channels,per_word", [(13, 13), (45, 15), (37, 1), (96, 32)])
+def test_words_tile_the_packed_axis_and_the_count_is_exact(channels, per_word):
+    # Words hold the largest divisor of the axis up to 32 flags, a prime axis one each.
+    shape = (4, 9, 9, channels)
+    layout = _geometry.mask_layout(shape, 3, None, (), "valid")
+    packed = _mask.packed_block_mask(jax.random.key(0), layout, jnp.float32(0.1))
+    assert _mask._pack_axis(layout) == 3 and packed.per_word == per_word
+    assert packed.dropped_bits.shape == (4, 9, 9, channels // per_word)
     x = jnp.ones(shape)
     for keep in [0.5, 0.0]:
         y = db.drop_block(jax.random.key(0), x, keep, 3)

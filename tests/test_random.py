@@ -24,17 +24,30 @@ def test_hash_is_xxh32_of_the_little_endian_words():
         np.testing.assert_array_equal(ours, np.asarray(expected, np.uint32))
 
 
-def test_position_bits_hash_row_and_column_with_the_key_seed(monkeypatch):
+def _key_words(key):
+    return tuple(int(word) for word in _random.key_words(key))
+
+
+def test_position_bits_hash_the_flat_index_then_the_key_words():
+    key = jax.random.key(4)
+    shape = (3, 5, 7)
+    bits = np.asarray(_random.position_bits(key, shape))
+    first, second = _key_words(key)
+    expected = [_reference([index, first, second], 0) for index in range(np.prod(shape))]
+    np.testing.assert_array_equal(bits, np.asarray(expected, np.uint32).reshape(shape))
+
+
+def test_position_bits_past_2_to_the_32_elements_give_each_row_its_key_word(monkeypatch):
     # A small column limit forces the row/column split that arrays past 2**32 use.
     monkeypatch.setattr(_random, "_MAX_COLUMN", 64)
     key = jax.random.key(3)
     shape = (3, 5, 4, 8)
     bits = np.asarray(_random.position_bits(key, shape))
-    seed = int(_random.key_seed(key))
+    first, second = _key_words(key)
     flat = np.arange(np.prod(shape)).reshape(shape)
     # Trailing axes (4, 8) hold 32 < 64 elements, (5, 4, 8) would not: rows are (3, 5).
     rows, columns = flat // 32, flat % 32
-    expected = np.vectorize(lambda r, c: _reference([r, c], seed))(rows, columns)
+    expected = np.vectorize(lambda r, c: _reference([c, first, _reference([r, second], first)], 0))(rows, columns)
     np.testing.assert_array_equal(bits, expected.astype(np.uint32))
 
 
@@ -42,11 +55,11 @@ def test_position_bits_hash_row_and_column_with_the_key_seed(monkeypatch):
 def test_every_key_word_matters(impl):
     key = jax.random.key(0, impl=impl)
     data = jax.random.key_data(key)
-    seeds = {int(_random.key_seed(key))}
+    words = {_key_words(key)}
     for index in np.ndindex(data.shape):
         changed = jax.random.wrap_key_data(data.at[index].add(1), impl=impl)
-        seeds.add(int(_random.key_seed(changed)))
-    assert len(seeds) == data.size + 1
+        words.add(_key_words(changed))
+    assert len(words) == data.size + 1
 
 
 def test_split_keys_give_distinct_bits():
@@ -55,13 +68,34 @@ def test_split_keys_give_distinct_bits():
     assert len({row.tobytes() for row in bits}) == 64
 
 
-def test_position_bits_hash_the_flat_index_below_2_to_the_32_elements():
-    key = jax.random.key(4)
-    shape = (3, 5, 7)
-    bits = np.asarray(_random.position_bits(key, shape))
-    seed = int(_random.key_seed(key))
-    expected = [_reference([index], seed) for index in range(np.prod(shape))]
-    np.testing.assert_array_equal(bits, np.asarray(expected, np.uint32).reshape(shape))
+def _shifts_with_equal_words(x, y, max_shift=64):
+    """Shifts s for which some x[i] == y[i + s]; equal 32-bit words by chance have probability 2**-32."""
+    n = len(x)
+    shifts = range(-max_shift, max_shift + 1)
+    return [s for s in shifts if (x[max(0, -s) : n - max(0, s)] == y[max(0, s) : n - max(0, -s)]).any()]
+
+
+def test_the_shift_check_finds_the_streams_of_a_seeded_hash():
+    # Keys used as XXH32's seed: seeds that differ by the multiplier of the index give the
+    # same stream, one position apart. This is what position_bits must not do.
+    prime_3 = 0xC2B2AE3D
+    index = jnp.arange(4096, dtype=jnp.uint32)
+    x = np.asarray(_random.xxh32_words([index], jnp.uint32(7)))
+    y = np.asarray(_random.xxh32_words([index], jnp.uint32(7 + prime_3)))
+    assert _shifts_with_equal_words(x, y) == [-1]
+
+
+def test_no_key_gives_a_shifted_copy_of_another_keys_bits():
+    # Key words that differ by one or by XXH32's multipliers, and split keys.
+    prime_3 = 0xC2B2AE3D
+    crafted = [[0, 0], [0, 1], [1, 0], [0, prime_3], [prime_3, 0], [1, 1], [0, 2 * prime_3 % 2**32]]
+    split = jax.random.key_data(jax.random.split(jax.random.key(0), 8))
+    keys = jax.random.wrap_key_data(jnp.concatenate([jnp.asarray(crafted, jnp.uint32), split]))
+    bits = np.asarray(jax.vmap(lambda k: _random.position_bits(k, (4096,)))(keys))
+    for a in range(len(bits)):
+        for b in range(len(bits)):
+            shifts = _shifts_with_equal_words(bits[a], bits[b])
+            assert shifts == ([0] if a == b else []), (a, b, shifts)
 
 
 def test_shapes_past_2_to_the_32_elements_trace():

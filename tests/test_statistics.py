@@ -64,7 +64,7 @@ def test_calibrated_gamma_hits_keep_prob_where_the_paper_gamma_does_not(seed_reg
 
 def test_large_maps_realize_the_expected_fraction_in_one_draw():
     # One 16x56x56x256 draw averages 12.8M units; its spread is tiny, so this checks
-    # the sparse seed path at the scale it is used.
+    # the mask at the scale it is used.
     keys = jax.random.split(jax.random.key(11), 8)
     shape = (16, 56, 56, 256)
     fractions = [float(db.block_mask(k, shape, 0.9, 7, gamma="calibrated").mean()) for k in keys]
