@@ -154,8 +154,14 @@ class PackedMask:
         low_mask = (1 << COUNT_LOW_BITS) - 1
         dropped_high = sum(part >> COUNT_LOW_BITS for part in parts)
         dropped_low = sum(part & low_mask for part in parts)
-        total_high, total_low = divmod(self.num_entries, 1 << COUNT_LOW_BITS)
-        return jnp.int32(total_high) - dropped_high, jnp.int32(total_low) - dropped_low
+        total_high, total_low = count_parts(self.num_entries)
+        return total_high - dropped_high, total_low - dropped_low
+
+
+def count_parts(count: int) -> tuple[jax.Array, jax.Array]:
+    """A static count as int32 ``(high, low)``, ``high * 2**16 + low``."""
+    high, low = divmod(count, 1 << COUNT_LOW_BITS)
+    return jnp.int32(high), jnp.int32(low)
 
 
 def _parts_below(values: jax.Array, max_size: int) -> list[jax.Array]:
@@ -169,7 +175,7 @@ def _parts_below(values: jax.Array, max_size: int) -> list[jax.Array]:
     shape = values.shape
     split = next(s for s in range(len(shape) + 1) if math.prod(shape[s:]) <= max_size)
     leading = math.prod(shape[:split])
-    if split == 0 or leading >= 1 << 32:
+    if leading >= 1 << 32:
         raise ValueError(f"an array of shape {shape} cannot be counted in parts.")
     rows_per_part = max_size // math.prod(shape[split:])
     row = flat_index(shape[:split], shape, 0)
