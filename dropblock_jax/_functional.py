@@ -17,7 +17,7 @@ from dropblock_jax._geometry import (
     check_choice,
     mask_layout,
 )
-from dropblock_jax._mask import COUNT_LOW_BITS, PackedMask, check_key, count_parts, packed_block_mask
+from dropblock_jax._mask import PackedMask, check_key, count_from_parts, count_parts, packed_block_mask
 from dropblock_jax._rates import checked_probability, concrete_value, gamma_for, keep_fraction
 
 # The keyword options of drop_block that a layer holds as attributes of the same names.
@@ -61,10 +61,6 @@ def _block_mask(key: jax.Array, keep: jax.Array, layout: MaskLayout, gamma: str)
     return jnp.broadcast_to(mask.kept(), layout.shape)
 
 
-def _from_parts(high: jax.Array, low: jax.Array, dtype: DTypeLike) -> jax.Array:
-    return high.astype(dtype) * (1 << COUNT_LOW_BITS) + low.astype(dtype)
-
-
 def _batch_scale(mask: PackedMask, axis_name: Hashable | None, dtype: DTypeLike) -> jax.Array:
     """``count / count_kept`` of the mask, over ``axis_name`` too; 0 when nothing is kept.
 
@@ -82,8 +78,8 @@ def _batch_scale(mask: PackedMask, axis_name: Hashable | None, dtype: DTypeLike)
         kept_high, kept_low, total_high, total_low = jax.lax.psum(
             (kept_high, kept_low, total_high, total_low), axis_name
         )
-    kept = _from_parts(kept_high, kept_low, dtype)
-    total = _from_parts(total_high, total_low, dtype)
+    kept = count_from_parts(kept_high, kept_low, dtype)
+    total = count_from_parts(total_high, total_low, dtype)
     return jnp.where(kept > 0, total / jnp.maximum(kept, 1.0), 0.0)
 
 

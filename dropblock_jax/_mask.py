@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import DTypeLike
 
 from dropblock_jax._geometry import MaskLayout
 from dropblock_jax._random import flat_index, position_bits
@@ -162,6 +163,11 @@ def count_parts(count: int) -> tuple[jax.Array, jax.Array]:
     """A static count as int32 ``(high, low)``, ``high * 2**16 + low``."""
     high, low = divmod(count, 1 << COUNT_LOW_BITS)
     return jnp.int32(high), jnp.int32(low)
+
+
+def count_from_parts(high: jax.Array, low: jax.Array, dtype: DTypeLike) -> jax.Array:
+    """``high * 2**16 + low`` in ``dtype`` (the inverse of :func:`count_parts`)."""
+    return high.astype(dtype) * (1 << COUNT_LOW_BITS) + low.astype(dtype)
 
 
 def _parts_below(values: jax.Array, max_size: int) -> list[jax.Array]:
