@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 from jax.typing import ArrayLike, DTypeLike
 
 from dropblock_jax._geometry import (
     GAMMA_MODES,
     NORMALIZE_MODES,
     MaskLayout,
+    check_axis_name,
     check_choice,
+    is_int,
     mask_layout,
 )
 from dropblock_jax._mask import PackedMask, check_key, count_from_parts, count_parts, packed_block_mask
@@ -36,8 +40,16 @@ def _layout(
     broadcast_dims: int | Sequence[int],
     seed_region: str,
     gamma: str,
-) -> MaskLayout:
+) -> MaskLayout | None:
+    """The checked layout of an array of ``shape``; None for an empty array, which has nothing to drop.
+
+    An empty array's arguments are checked as for the array with its zero-size axes at
+    size 1, so an argument that is wrong for the shape fails whatever the batch size.
+    """
     check_choice("gamma", gamma, GAMMA_MODES)
+    if math.prod(shape) == 0:
+        mask_layout(tuple(max(n, 1) for n in shape), block_size, spatial_axes, broadcast_dims, seed_region)
+        return None
     return mask_layout(shape, block_size, spatial_axes, broadcast_dims, seed_region)
 
 
@@ -93,6 +105,9 @@ def _drop_block(
     normalize: str,
     axis_name: Hashable | None,
 ) -> jax.Array:
+    # A NaN keep_prob (only a traced one gets here) makes the whole output NaN, so that a
+    # broken schedule shows in the loss instead of silently dropping nothing.
+    checkify.debug_check(~jnp.isnan(keep), "drop_block got keep_prob=NaN; the output is all NaN.")
     mask, seed_gamma = _mask_and_gamma(key, keep, layout, gamma)
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
     if normalize == "batch":
@@ -102,6 +117,7 @@ def _drop_block(
         scale = jnp.where(expected > 0, 1.0 / jnp.where(expected > 0, expected, 1.0), 0.0)
     else:
         scale = jnp.ones((), compute_dtype)
+    scale = jnp.where(jnp.isnan(keep), jnp.nan, scale)
     scaled = (x.astype(compute_dtype) * scale).astype(x.dtype)
     # A select, not a product: dropped units are exactly zero even where x is inf or NaN.
     return jnp.where(mask.kept(), scaled, jnp.zeros((), x.dtype))
@@ -176,7 +192,8 @@ def drop_block(
     keep = checked_probability("keep_prob", keep_prob)
     layout = _layout(x.shape, block_size, spatial_axes, broadcast_dims, seed_region, gamma)
     check_choice("normalize", normalize, NORMALIZE_MODES)
-    if x.size == 0 or concrete_value(keep_prob) == 1.0:
+    check_axis_name(axis_name)
+    if layout is None or concrete_value(keep_prob) == 1.0:
         return x
     return _drop_block(key, x, keep, layout, gamma, normalize, axis_name)
 
@@ -215,7 +232,12 @@ def block_mask(
     """
     key = check_key(key)
     keep = checked_probability("keep_prob", keep_prob)
-    if not isinstance(shape, (tuple, list)) or not all(isinstance(n, int) and n >= 0 for n in shape):
-        raise TypeError(f"shape must be a tuple of non-negative ints, got {shape!r}.")
-    layout = _layout(tuple(shape), block_size, spatial_axes, broadcast_dims, seed_region, gamma)
+    if not isinstance(shape, (tuple, list)) or not all(map(is_int, shape)):
+        raise TypeError(f"shape must be a tuple of ints, got {shape!r}.")
+    if min(shape, default=0) < 0:
+        raise ValueError(f"shape must have sizes >= 0, got {shape!r}.")
+    shape = tuple(int(n) for n in shape)
+    layout = _layout(shape, block_size, spatial_axes, broadcast_dims, seed_region, gamma)
+    if layout is None:
+        return jnp.ones(shape, bool)
     return _block_mask(key, keep, layout, gamma)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import TypeGuard
 
 import numpy as np
@@ -37,9 +37,27 @@ def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
     return value
 
 
-def _is_int(value: object) -> TypeGuard[int]:
+def is_int(value: object) -> TypeGuard[int]:
+    """True for Python and NumPy integers, False for bools."""
     # NumPy integers count: they act as ints wherever sizes and axes are used.
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_axis_name(axis_name: object) -> Hashable | None:
+    """Returns ``axis_name`` if it can name a mapped axis: None, a name, or a tuple of names.
+
+    A name is any hashable that is not a number: JAX reads an int given to ``psum`` as
+    a positional array axis, not as the name of a ``vmap``/``pmap``/``shard_map`` axis.
+    """
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if axis_name is None or (
+        names and all(isinstance(n, Hashable) and not isinstance(n, numbers.Number) for n in names)
+    ):
+        return axis_name
+    raise TypeError(
+        "axis_name must be None, the name of a mapped axis (e.g. 'batch', as given to jax.vmap, "
+        f"jax.pmap or shard_map's mesh) or a tuple of names, got {axis_name!r}."
+    )
 
 
 def parse_block_size(block_size: int | Sequence[int], rank: int | None = None) -> tuple[int, ...]:
@@ -48,9 +66,9 @@ def parse_block_size(block_size: int | Sequence[int], rank: int | None = None) -
     An int becomes a cube over ``rank`` axes (2 when ``rank`` is None); a tuple must
     have ``rank`` entries when ``rank`` is given.
     """
-    if _is_int(block_size):
+    if is_int(block_size):
         sizes = (int(block_size),) * (DEFAULT_SPATIAL_RANK if rank is None else rank)
-    elif isinstance(block_size, (tuple, list)) and block_size and all(map(_is_int, block_size)):
+    elif isinstance(block_size, (tuple, list)) and block_size and all(map(is_int, block_size)):
         sizes = tuple(int(b) for b in block_size)
         if rank is not None and len(sizes) != rank:
             raise ValueError(f"block_size must have one entry per spatial axis ({rank}), got {block_size!r}.")
@@ -62,9 +80,9 @@ def parse_block_size(block_size: int | Sequence[int], rank: int | None = None) -
 
 
 def _normalize_axes(name: str, axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
-    if _is_int(axes):
+    if is_int(axes):
         axes = (axes,)
-    if not isinstance(axes, (tuple, list)) or not all(map(_is_int, axes)):
+    if not isinstance(axes, (tuple, list)) or not all(map(is_int, axes)):
         raise TypeError(f"{name} must be a tuple of ints, got {axes!r}.")
     normalized = []
     for axis in axes:
@@ -177,13 +195,13 @@ def feature_geometry(
     feature_shape: int | Sequence[int], block_size: int | Sequence[int], seed_region: str
 ) -> SpatialGeometry:
     """Geometry from the ``feature_shape`` / ``block_size`` arguments of the rate functions."""
-    if _is_int(feature_shape):
+    if is_int(feature_shape):
         feature_shape = (feature_shape,)
-    if not isinstance(feature_shape, (tuple, list)) or not all(map(_is_int, feature_shape)):
+    if not isinstance(feature_shape, (tuple, list)) or not all(map(is_int, feature_shape)):
         raise TypeError(f"feature_shape must be a tuple of ints (the spatial sizes), got {feature_shape!r}.")
     if not feature_shape or min(feature_shape) < 1:
         raise ValueError(f"feature_shape must be a non-empty tuple of sizes >= 1, got {feature_shape!r}.")
-    block = parse_block_size(block_size, None if not _is_int(block_size) else len(feature_shape))
+    block = parse_block_size(block_size, None if not is_int(block_size) else len(feature_shape))
     if len(block) != len(feature_shape):
         raise ValueError(
             f"block_size {block_size!r} has {len(block)} entries but feature_shape "

@@ -85,13 +85,17 @@ def _calibrated_gamma(keep: jax.Array, geometry: SpatialGeometry) -> jax.Array:
 
 
 def gamma_for(keep: jax.Array, geometry: SpatialGeometry, gamma: str) -> jax.Array:
-    """The seed rate for a checked ``keep`` (see :func:`seed_rate`)."""
+    """The seed rate for a checked ``keep`` (see :func:`seed_rate`); 0 for a NaN ``keep``."""
     if gamma == "calibrated":
-        return _calibrated_gamma(keep, geometry)
-    paper = jnp.clip((1.0 - keep) * geometry.paper_gamma_factor, 0.0, 1.0)
-    # The paper's formula leaves some units kept at keep_prob = 0; the contract is that
-    # keep_prob = 0 drops everything.
-    return jnp.where(keep <= 0.0, 1.0, paper)
+        rate = _calibrated_gamma(keep, geometry)
+    else:
+        paper = jnp.clip((1.0 - keep) * geometry.paper_gamma_factor, 0.0, 1.0)
+        # The paper's formula leaves some units kept at keep_prob = 0; the contract is that
+        # keep_prob = 0 drops everything.
+        rate = jnp.where(keep <= 0.0, 1.0, paper)
+    # A NaN (traced) keep_prob draws no seeds on every platform, rather than whatever a
+    # NaN threshold converts to; drop_block then makes its output NaN.
+    return jnp.where(jnp.isnan(keep), 0.0, rate)
 
 
 def seed_rate(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from flax import linen as nn
@@ -11,7 +13,7 @@ from jax.typing import ArrayLike
 from dropblock_jax._functional import drop_block, layer_options
 
 
-class DropBlock(nn.Module):
+class DropBlock(nn.Module, kw_only=True):
     """DropBlock as a Linen layer, used like ``flax.linen.Dropout``.
 
     The layer only picks the flag and the key; the work is :func:`dropblock_jax.drop_block`.
@@ -21,6 +23,10 @@ class DropBlock(nn.Module):
     ``rngs={"dropout": key}`` draws its own masks. Inside ``shard_map`` or ``pmap``
     every device gets the same key, hence the same mask: pass
     ``rng=jax.random.fold_in(key, jax.lax.axis_index(name))`` for one mask per device.
+
+    All attributes are keyword-only: ``keep_prob`` is the probability of *keeping* a
+    unit, where ``nn.Dropout``'s first argument is the rate of dropping one, so a port of
+    ``nn.Dropout(0.1)`` must spell out ``DropBlock(keep_prob=0.9)``.
 
     Attributes:
       keep_prob: probability of keeping a unit; a ``keep_prob`` given at call time
@@ -80,3 +86,28 @@ class DropBlock(nn.Module):
             rng = self.make_rng(self.rng_collection)
         keep = self.keep_prob if keep_prob is None else keep_prob
         return drop_block(rng, inputs, keep, self.block_size, **layer_options(self))
+
+
+def _explain_misuse(init: Callable[..., None]) -> Callable[..., None]:
+    """Wraps the dataclass ``__init__`` so that the two likely slips get an error saying what to write."""
+
+    @functools.wraps(init)
+    def checked_init(self: DropBlock, *args: Any, **kwargs: Any) -> None:
+        if "rngs" in kwargs:
+            raise TypeError(
+                "dropblock_jax.DropBlock is the Flax Linen layer: it takes no rngs, its key comes from "
+                "apply(..., rngs={'dropout': key}). The Flax NNX layer, which takes rngs, is "
+                "dropblock_jax.nnx.DropBlock (from dropblock_jax.nnx import DropBlock)."
+            )
+        if args:
+            raise TypeError(
+                f"DropBlock takes keyword arguments only, got positional arguments {args!r}: write "
+                "DropBlock(keep_prob=0.9, block_size=7). keep_prob is the probability of keeping a unit, "
+                "where nn.Dropout's first argument is the rate of dropping one."
+            )
+        init(self, **kwargs)
+
+    return checked_init
+
+
+DropBlock.__init__ = _explain_misuse(DropBlock.__init__)  # type: ignore[method-assign]

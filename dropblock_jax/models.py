@@ -26,8 +26,7 @@ from jax.typing import ArrayLike
 
 from dropblock_jax import drop_block
 from dropblock_jax._rates import checked_probability
-from dropblock_jax.nnx import DropBlock
-from dropblock_jax.nnx import set_keep_prob as _set_every_keep_prob
+from dropblock_jax.nnx import DropBlock, set_keep_prob
 
 REGULARIZERS = ("none", "dropout", "spatial_dropout", "dropblock")
 
@@ -86,7 +85,7 @@ def _make_drop(
     if regularizer == "none":
         return None
     if regularizer == "dropblock":
-        return DropBlock(float(keep_prob), block_size, rngs=rngs)
+        return DropBlock(keep_prob=float(keep_prob), block_size=block_size, rngs=rngs)
     # nnx.Dropout branches in Python on its rate, so it gets a concrete float.
     rate = 1.0 - float(keep_prob)
     if regularizer == "dropout":
@@ -254,7 +253,7 @@ class ResNet(nnx.Module):
     (DropBlock in groups 3 and 4).
 
     ``model.train()`` / ``model.eval()`` switch batch norm and the regularizer
-    together. A keep_prob schedule goes through :meth:`set_keep_prob`, which keeps
+    together. A keep_prob schedule goes through :meth:`set_stage_keep_probs`, which keeps
     the per-stage ratio and never retraces an ``nnx.jit`` function.
 
     Args:
@@ -280,7 +279,8 @@ class ResNet(nnx.Module):
       >>> from dropblock_jax.models import ResNet
       >>> model = ResNet(10, widths=(8, 16), blocks=(1, 1), block_size=3,
       ...                rngs=nnx.Rngs(params=0, dropout=1))
-      >>> model.set_keep_prob(0.8)  # e.g. each step, from optax.linear_schedule
+      >>> model.set_stage_keep_probs(0.8)  # e.g. each step, from optax.linear_schedule
+      5
       >>> [round(float(k), 2) for k in model.keep_probs()]
       [0.95, 0.8]
       >>> model.eval()  # batch norm uses running averages, DropBlock is off
@@ -370,25 +370,32 @@ class ResNet(nnx.Module):
         pairs = [(stage, count - 1 - i) for i, stage in enumerate(self.stages)]
         return [(stage, from_last) for stage, from_last in pairs if from_last < self.regularized_stages]
 
-    def set_keep_prob(self, keep_prob: ArrayLike) -> None:
-        """Sets the last stage's DropBlock keep_prob; earlier stages follow the 1/4 rule.
+    def set_stage_keep_probs(self, keep_prob: ArrayLike) -> int:
+        """Sets the last stage's DropBlock keep_prob to ``keep_prob``, earlier stages by the 1/4 rule.
 
+        The stage ``n`` stages before the last gets :func:`stage_keep_prob` of
+        ``keep_prob`` (the authors' ratio), unlike
+        :func:`dropblock_jax.nnx.set_keep_prob`, which gives every layer one value.
         Only DropBlock's keep_prob is data; for ``"dropout"`` and
         ``"spatial_dropout"`` (whose rate ``nnx.Dropout`` keeps static) this raises.
 
         Args:
-          keep_prob: the new keep probability of the last stage, in [0, 1].
+          keep_prob: the new keep probability of the last stage, in [0, 1]; may be traced.
+
+        Returns:
+          The number of DropBlock layers set.
 
         Raises:
           ValueError: when the model's regularizer is not ``"dropblock"``.
         """
         if self.regularizer != "dropblock":
             raise ValueError(
-                f"set_keep_prob needs regularizer='dropblock', this model has regularizer="
+                f"set_stage_keep_probs needs regularizer='dropblock', this model has regularizer="
                 f"{self.regularizer!r}; nnx.Dropout's rate is static and can only be set at construction."
             )
-        for stage, from_last in self._regularized():
-            _set_every_keep_prob(stage, stage_keep_prob(keep_prob, from_last))
+        return sum(
+            set_keep_prob(stage, stage_keep_prob(keep_prob, from_last)) for stage, from_last in self._regularized()
+        )
 
     def keep_probs(self) -> list[jax.Array]:
         """The DropBlock keep_prob of each regularized stage, earliest stage first.

@@ -10,6 +10,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from dropblock_jax._functional import drop_block, layer_options
+from dropblock_jax._mask import check_key
 from dropblock_jax._rates import checked_probability
 
 
@@ -24,6 +25,10 @@ class DropBlock(nnx.Module):
     the same on every device, hence the mask: pass
     ``rngs=jax.random.fold_in(key, jax.lax.axis_index(name))`` for one mask per device.
 
+    Arguments are keyword-only: ``keep_prob`` is the probability of *keeping* a unit,
+    where ``nnx.Dropout``'s first argument is the rate of dropping one, so a port of
+    ``nnx.Dropout(0.1, rngs=rngs)`` must spell out ``DropBlock(keep_prob=0.9, rngs=rngs)``.
+
     Args:
       keep_prob: probability of keeping a unit.
       block_size: int or tuple of ints, one per spatial axis.
@@ -37,7 +42,7 @@ class DropBlock(nnx.Module):
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from dropblock_jax.nnx import DropBlock
-      >>> layer = DropBlock(0.9, block_size=3, rngs=nnx.Rngs(dropout=0))
+      >>> layer = DropBlock(keep_prob=0.9, block_size=3, rngs=nnx.Rngs(dropout=0))
       >>> x = jnp.ones((2, 8, 8, 4))
       >>> layer(x).shape
       (2, 8, 8, 4)
@@ -48,9 +53,9 @@ class DropBlock(nnx.Module):
 
     def __init__(
         self,
+        *,
         keep_prob: float = 0.9,
         block_size: int | tuple[int, ...] = 7,
-        *,
         spatial_axes: Sequence[int] | None = None,
         broadcast_dims: Sequence[int] = (),
         seed_region: str = "valid",
@@ -79,7 +84,10 @@ class DropBlock(nnx.Module):
         elif rngs is None:
             self.rngs = nnx.data(None)
         else:
-            raise TypeError(f"rngs must be an nnx.Rngs, an nnx.RngStream or None, got {type(rngs).__name__}.")
+            raise TypeError(
+                f"rngs must be an nnx.Rngs, an nnx.RngStream or None, got {rngs!r} ({type(rngs).__name__}); "
+                "e.g. DropBlock(..., rngs=nnx.Rngs(dropout=0)). A PRNG key can be passed at the call."
+            )
 
     def __call__(
         self,
@@ -108,20 +116,26 @@ class DropBlock(nnx.Module):
         return drop_block(key, inputs, keep, self.block_size, **layer_options(self))
 
     def _key(self, rngs: nnx.Rngs | nnx.RngStream | jax.Array | None) -> jax.Array:
+        if rngs is None and self.rngs is None:
+            raise ValueError(
+                "DropBlock is in training mode (deterministic=False) but has no rngs. Either:\n"
+                "  1. pass rngs to the constructor: DropBlock(..., rngs=nnx.Rngs(dropout=0)),\n"
+                "  2. pass rngs to the call: layer(x, rngs=nnx.Rngs(dropout=0)) or a key,\n"
+                "  3. switch it off: model.eval(), nnx.view(model, deterministic=True) or "
+                "layer(x, deterministic=True)."
+            )
         rngs = self.rngs if rngs is None else rngs
         if isinstance(rngs, nnx.Rngs):
             return rngs[self.rng_collection]()
         if isinstance(rngs, nnx.RngStream):
             return rngs()
-        if isinstance(rngs, jax.Array):
-            return rngs
-        raise ValueError(
-            "DropBlock is in training mode (deterministic=False) but has no rngs. Either:\n"
-            "  1. pass rngs to the constructor: DropBlock(..., rngs=nnx.Rngs(dropout=0)),\n"
-            "  2. pass rngs to the call: layer(x, rngs=nnx.Rngs(dropout=0)) or a key,\n"
-            "  3. switch it off: model.eval(), nnx.view(model, deterministic=True) or "
-            "layer(x, deterministic=True)."
-        )
+        try:
+            return check_key(rngs)
+        except TypeError:
+            raise TypeError(
+                "rngs must be an nnx.Rngs, an nnx.RngStream or a PRNG key (jax.random.key of any impl, "
+                f"or a legacy jax.random.PRNGKey, also as a NumPy array), got {rngs!r} ({type(rngs).__name__})."
+            ) from None
 
     def set_view(self, deterministic: bool | None = None) -> None:
         """Used by ``nnx.view``: ``deterministic=True`` disables DropBlock."""
@@ -129,26 +143,42 @@ class DropBlock(nnx.Module):
             self.deterministic = deterministic
 
 
-def set_keep_prob(module_tree: object, value: ArrayLike) -> None:
-    """Sets ``keep_prob`` of every :class:`DropBlock` inside ``module_tree``.
+def set_keep_prob(module_tree: object, value: ArrayLike) -> int:
+    """Sets ``keep_prob`` of every :class:`DropBlock` inside ``module_tree`` to ``value``.
 
+    Every layer gets the same value; a model whose stages use different keep_probs
+    (e.g. :meth:`dropblock_jax.models.ResNet.set_stage_keep_probs`) sets them itself.
     The value is stored in each layer's ``keep_prob`` variable, so an ``nnx.jit``
     function that takes the model sees new data, not a new structure, and does not
     retrace.
 
     Args:
       module_tree: an NNX module (or any node ``nnx.iter_graph`` walks).
-      value: the new keep_prob, in [0, 1].
+      value: the new keep_prob, in [0, 1]; may be traced.
+
+    Returns:
+      The number of layers set.
+
+    Raises:
+      ValueError: if ``module_tree`` holds no :class:`DropBlock` (e.g. an
+        ``nnx.Optimizer`` passed instead of the model), or for a ``value`` outside [0, 1].
 
     Examples:
       >>> from flax import nnx
       >>> from dropblock_jax.nnx import DropBlock, set_keep_prob
-      >>> model = nnx.Sequential(DropBlock(0.9, 3, rngs=nnx.Rngs(0)))
+      >>> model = nnx.Sequential(DropBlock(keep_prob=0.9, block_size=3, rngs=nnx.Rngs(0)))
       >>> set_keep_prob(model, 0.95)
+      1
       >>> round(float(model.layers[0].keep_prob[...]), 2)
       0.95
     """
     value = checked_probability("value", value)
-    for _, node in nnx.iter_graph(module_tree):
-        if isinstance(node, DropBlock):
-            node.keep_prob[...] = value.astype(node.keep_prob[...].dtype)
+    layers = [node for _, node in nnx.iter_graph(module_tree) if isinstance(node, DropBlock)]
+    if not layers:
+        raise ValueError(
+            f"set_keep_prob found no dropblock_jax.nnx.DropBlock inside the {type(module_tree).__name__} it was "
+            "given; pass the model that holds the layers (an nnx.Optimizer does not hold the model)."
+        )
+    for layer in layers:
+        layer.keep_prob[...] = value.astype(layer.keep_prob[...].dtype)
+    return len(layers)

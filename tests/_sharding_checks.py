@@ -238,7 +238,7 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         x = nn.relu(nn.Conv(8, (3, 3))(x))
-        x = DropBlock(0.8, 3, name="drop")(x, deterministic=not train)
+        x = DropBlock(keep_prob=0.8, block_size=3, name="drop")(x, deterministic=not train)
         self.sow("intermediates", "dropped", x)
         x = nn.relu(nn.Conv(8, (3, 3))(x))
         return nn.Dense(4)(x.mean(axis=(1, 2)))

@@ -35,3 +35,13 @@ def test_version_is_defined_once():
     from dropblock_jax._version import __version__
 
     assert dropblock_jax.__version__ == __version__
+
+
+def test_layer_constructors_take_keyword_arguments_only():
+    for init in [dropblock_jax.DropBlock.__init__, dropblock_jax.nnx.DropBlock.__init__]:
+        params = dict(inspect.signature(init).parameters)
+        del params["self"]
+        assert all(p.kind is p.KEYWORD_ONLY for p in params.values()), (init, params)
+        options = {n: p.default for n, p in params.items() if n in DROP_BLOCK_OPTION_DEFAULTS}
+        assert options == DROP_BLOCK_OPTION_DEFAULTS
+        assert (params["keep_prob"].default, params["block_size"].default) == (0.9, 7)

@@ -121,8 +121,17 @@ def test_too_few_dimensions_for_the_default_layout():
 
 
 def test_block_mask_shape_argument():
-    with pytest.raises(TypeError, match=r"shape must be a tuple of non-negative ints, got \[2, -1, 4\]"):
+    with pytest.raises(ValueError, match=r"shape must have sizes >= 0, got \[2, -1, 4\]"):
         db.block_mask(KEY, [2, -1, 4], 0.9, 3)
+    with pytest.raises(TypeError, match=r"shape must be a tuple of ints, got \(2, 8.0, 8, 4\)"):
+        db.block_mask(KEY, (2, 8.0, 8, 4), 0.9, 3)
+
+
+@pytest.mark.parametrize("axis_name", [3, 1.5, True, ["batch"], ("batch", 0), ()])
+@pytest.mark.parametrize("normalize", ["batch", "expected"])
+def test_bad_axis_name(axis_name, normalize):
+    with pytest.raises(TypeError, match=r"axis_name must be None, the name of a mapped axis .* got "):
+        db.drop_block(KEY, X, 0.9, 3, normalize=normalize, axis_name=axis_name)
 
 
 def test_rate_functions():

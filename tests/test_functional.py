@@ -170,9 +170,62 @@ def test_vmap_with_axis_name_normalizes_over_the_mapped_axis():
     assert len(set(per_sample)) > 1  # one scale for all: per-sample sums differ
 
 
-def test_empty_batch_returns_input():
-    x = jnp.ones((0, 8, 8, 3))
-    assert db.drop_block(jax.random.key(0), x, 0.9, 3).shape == (0, 8, 8, 3)
+@pytest.mark.parametrize("shape", [(0, 8, 8, 4), (2, 8, 8, 0), (2, 0, 8, 4), (0, 0, 0, 0)])
+@pytest.mark.parametrize("broadcast_dims", [(), (-1,), (0,)])
+def test_zero_size_arrays_work_in_both_functions(shape, broadcast_dims):
+    key = jax.random.key(0)
+    x = jnp.ones(shape)
+    assert db.drop_block(key, x, 0.9, 3, broadcast_dims=broadcast_dims) is x
+    mask = db.block_mask(key, shape, 0.9, 3, broadcast_dims=broadcast_dims)
+    assert mask.shape == shape and mask.dtype == jnp.bool_
+    assert jax.jit(lambda x: db.drop_block(key, x, 0.9, 3, broadcast_dims=broadcast_dims))(x).shape == shape
+
+
+def test_zero_size_arrays_still_check_their_arguments_in_both_functions():
+    key = jax.random.key(0)
+    for call in (
+        lambda **kw: db.drop_block(key, jnp.ones((0, 8, 8, 4)), 0.9, 3, **kw),
+        lambda **kw: db.block_mask(key, (0, 8, 8, 4), 0.9, 3, **kw),
+    ):
+        with pytest.raises(ValueError, match="spatial_axes entry 7 is out of range"):
+            call(spatial_axes=(1, 7))
+        with pytest.raises(ValueError, match="broadcast_dims must not contain a spatial axis"):
+            call(broadcast_dims=(1,))
+        with pytest.raises(ValueError, match="keep_prob must be in"):
+            db.block_mask(key, (0, 8, 8, 4), 2.0, 3)
+        with pytest.raises(ValueError, match="keep_prob must be in"):
+            db.drop_block(key, jnp.ones((0, 8, 8, 4)), 2.0, 3)
+
+
+def test_numpy_integers_are_sizes_in_shape_as_in_block_size():
+    key = jax.random.key(3)
+    shape = (np.int64(2), np.int32(8), 8, np.uint8(4))
+    mask = db.block_mask(key, shape, 0.7, np.int64(3))
+    assert mask.shape == (2, 8, 8, 4)
+    np.testing.assert_array_equal(mask, db.block_mask(key, (2, 8, 8, 4), 0.7, 3))
+
+
+def test_a_traced_nan_keep_prob_makes_the_output_nan_not_silently_unchanged():
+    x = _x()
+    for normalize in ["batch", "expected", "none"]:
+        y = jax.jit(lambda p, normalize=normalize: db.drop_block(jax.random.key(0), x, p, 3, normalize=normalize))(
+            jnp.nan
+        )
+        assert jnp.isnan(y).all(), normalize
+    # block_mask draws no seeds for it: nothing is dropped.
+    assert jax.jit(lambda p: db.block_mask(jax.random.key(0), SHAPE, p, 3))(jnp.nan).all()
+    with pytest.raises(ValueError, match=r"keep_prob must be in \[0, 1\], got nan"):
+        db.drop_block(jax.random.key(0), x, float("nan"), 3)
+
+
+def test_checkify_reports_a_nan_keep_prob():
+    from jax.experimental import checkify
+
+    step = checkify.checkify(jax.jit(lambda p: db.drop_block(jax.random.key(0), _x(), p, 3)))
+    error, _ = step(jnp.float32(jnp.nan))
+    assert "keep_prob=NaN" in error.get()
+    error, y = step(jnp.float32(0.9))
+    assert error.get() is None and jnp.isfinite(y).all()
 
 
 def test_axis_name_is_ignored_by_the_modes_that_need_no_counts():

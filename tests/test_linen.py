@@ -33,6 +33,18 @@ def test_exported_from_package_and_module():
     assert dropblock_jax.DropBlock is dropblock_jax.linen.DropBlock
 
 
+def test_attributes_are_keyword_only_and_a_positional_one_says_why():
+    # DropBlock(0.1) would keep 10% where nn.Dropout(0.1) drops 10%.
+    with pytest.raises(TypeError, match=r"keyword arguments only, got positional arguments \(0.1,\)") as info:
+        DropBlock(0.1)
+    assert "keep_prob is the probability of keeping a unit" in str(info.value)
+
+
+def test_an_nnx_style_rngs_argument_points_to_the_nnx_layer():
+    with pytest.raises(TypeError, match=r"Flax Linen layer.*dropblock_jax\.nnx\.DropBlock"):
+        DropBlock(keep_prob=0.9, block_size=3, rngs=object())
+
+
 @pytest.mark.parametrize(
     "field, call, message",
     [
@@ -42,7 +54,7 @@ def test_exported_from_package_and_module():
     ],
 )
 def test_deterministic_given_neither_or_both_is_value_error(field, call, message):
-    layer = DropBlock(0.9, 3, deterministic=field)
+    layer = DropBlock(keep_prob=0.9, block_size=3, deterministic=field)
     with pytest.raises(ValueError, match=f'"deterministic".*{message}|{message}.*"deterministic"'):
         layer.apply({}, X, deterministic=call, rngs={"dropout": jax.random.key(0)})
 
@@ -51,22 +63,22 @@ def test_deterministic_given_neither_or_both_is_value_error(field, call, message
 def test_deterministic_returns_inputs_unchanged(where):
     x = X.at[0, 0, 0, 0].set(jnp.nan).at[1, 2, 3, 1].set(-jnp.inf).at[0, 1, 1, 2].set(-0.0)
     if where == "field":
-        y = DropBlock(0.1, 3, deterministic=True).apply({}, x)
+        y = DropBlock(keep_prob=0.1, block_size=3, deterministic=True).apply({}, x)
     else:
-        y = DropBlock(0.1, 3).apply({}, x, deterministic=True)
+        y = DropBlock(keep_prob=0.1, block_size=3).apply({}, x, deterministic=True)
     assert y.dtype == x.dtype
     np.testing.assert_array_equal(_bits(y), _bits(x))
 
 
 def test_deterministic_needs_no_rng():
     # Like nn.Dropout: eval mode must not require a "dropout" collection.
-    y = DropBlock(0.5, 3, deterministic=True).apply({}, X)
+    y = DropBlock(keep_prob=0.5, block_size=3, deterministic=True).apply({}, X)
     np.testing.assert_array_equal(y, X)
 
 
 def test_key_is_make_rng_of_the_dropout_collection():
     rng = jax.random.key(7)
-    layer = DropBlock(0.6, 3, deterministic=False)
+    layer = DropBlock(keep_prob=0.6, block_size=3, deterministic=False)
     y = layer.apply({}, X, rngs={"dropout": rng})
     expected = drop_block(_MakeRng().apply({}, rngs={"dropout": rng}), X, 0.6, 3)
     np.testing.assert_array_equal(y, expected)
@@ -75,7 +87,7 @@ def test_key_is_make_rng_of_the_dropout_collection():
 
 def test_other_rng_collection():
     rng = jax.random.key(3)
-    layer = DropBlock(0.6, 3, deterministic=False, rng_collection="noise")
+    layer = DropBlock(keep_prob=0.6, block_size=3, deterministic=False, rng_collection="noise")
     y = layer.apply({}, X, rngs={"noise": rng})
     expected = drop_block(_MakeRng("noise").apply({}, rngs={"noise": rng}), X, 0.6, 3)
     np.testing.assert_array_equal(y, expected)
@@ -85,11 +97,11 @@ def test_other_rng_collection():
 
 def test_training_without_rng_raises_naming_the_collection():
     with pytest.raises(errors.InvalidRngError, match="dropout"):
-        DropBlock(0.6, 3).apply({}, X, deterministic=False)
+        DropBlock(keep_prob=0.6, block_size=3).apply({}, X, deterministic=False)
 
 
 def test_different_dropout_keys_give_different_masks():
-    layer = DropBlock(0.6, 3, deterministic=False)
+    layer = DropBlock(keep_prob=0.6, block_size=3, deterministic=False)
     a = layer.apply({}, X, rngs={"dropout": jax.random.key(0)})
     b = layer.apply({}, X, rngs={"dropout": jax.random.key(1)})
     again = layer.apply({}, X, rngs={"dropout": jax.random.key(0)})
@@ -99,7 +111,7 @@ def test_different_dropout_keys_give_different_masks():
 
 def test_rng_argument_overrides_the_collection():
     key = jax.random.key(11)
-    layer = DropBlock(0.6, 3, deterministic=False)
+    layer = DropBlock(keep_prob=0.6, block_size=3, deterministic=False)
     with_collection = layer.apply({}, X, rng=key, rngs={"dropout": jax.random.key(0)})
     without_collection = layer.apply({}, X, rng=key)
     expected = drop_block(key, X, 0.6, 3)
@@ -117,14 +129,14 @@ def test_fields_reach_drop_block():
         gamma="calibrated",
         normalize="expected",
     )
-    y = DropBlock(0.7, (3, 2), deterministic=False, **options).apply({}, x, rng=key)
+    y = DropBlock(keep_prob=0.7, block_size=(3, 2), deterministic=False, **options).apply({}, x, rng=key)
     np.testing.assert_array_equal(y, drop_block(key, x, 0.7, (3, 2), **options))
     np.testing.assert_array_equal(y[0] == 0, y[1] == 0)
 
 
 def test_call_time_keep_prob_overrides_the_field():
     key = jax.random.key(2)
-    layer = DropBlock(0.5, 3, deterministic=False)
+    layer = DropBlock(keep_prob=0.5, block_size=3, deterministic=False)
     np.testing.assert_array_equal(_bits(layer.apply({}, X, rng=key, keep_prob=1.0)), _bits(X))
     np.testing.assert_array_equal(layer.apply({}, X, rng=key, keep_prob=0.0), jnp.zeros_like(X))
     np.testing.assert_array_equal(layer.apply({}, X, rng=key, keep_prob=0.8), drop_block(key, X, 0.8, 3))
@@ -133,7 +145,7 @@ def test_call_time_keep_prob_overrides_the_field():
 @pytest.mark.parametrize("bad", [1.5, -0.1])
 def test_bad_call_time_keep_prob_names_the_argument(bad):
     with pytest.raises(ValueError, match="keep_prob"):
-        DropBlock(0.5, 3, deterministic=False).apply({}, X, rng=jax.random.key(0), keep_prob=bad)
+        DropBlock(keep_prob=0.5, block_size=3, deterministic=False).apply({}, X, rng=jax.random.key(0), keep_prob=bad)
 
 
 class _CNN(nn.Module):
@@ -141,7 +153,7 @@ class _CNN(nn.Module):
     def __call__(self, x, *, train: bool, keep_prob=None):
         x = nn.Conv(4, (3, 3))(x)
         x = nn.relu(x)
-        x = DropBlock(0.8, 3, name="drop")(x, deterministic=not train, keep_prob=keep_prob)
+        x = DropBlock(keep_prob=0.8, block_size=3, name="drop")(x, deterministic=not train, keep_prob=keep_prob)
         x = x.mean(axis=(1, 2))
         return nn.Dense(3)(x)
 
@@ -194,7 +206,7 @@ def test_inside_nn_scan_rng_split_per_step():
     class Cell(nn.Module):
         @nn.compact
         def __call__(self, carry, x, keep_prob):
-            return carry, DropBlock(0.5, 3, deterministic=False)(x, keep_prob=keep_prob)
+            return carry, DropBlock(keep_prob=0.5, block_size=3, deterministic=False)(x, keep_prob=keep_prob)
 
     xs = jnp.ones((3, 2, 8, 8, 2))
     outputs = {}
@@ -225,7 +237,7 @@ def test_inside_nn_remat_recomputes_the_same_mask():
         def __call__(self, x):
             x = nn.Dense(3, name="dense")(x)
             layer = nn.remat(DropBlock) if self.remat else DropBlock
-            x = layer(0.6, 3, deterministic=False, name="drop")(x)
+            x = layer(keep_prob=0.6, block_size=3, deterministic=False, name="drop")(x)
             return jnp.sum(jnp.sin(x) ** 2)
 
     params = Net(False).init(jax.random.key(0), X)["params"]

@@ -42,7 +42,7 @@ def _linen(kwargs, traced):
 
 
 def _nnx(kwargs, traced):
-    graph, state = nnx.split(db_nnx.DropBlock(0.9, 7, rngs=nnx.Rngs(dropout=0), **kwargs))
+    graph, state = nnx.split(db_nnx.DropBlock(keep_prob=0.9, block_size=7, rngs=nnx.Rngs(dropout=0), **kwargs))
 
     def apply(state, x, *keep):
         layer = nnx.merge(graph, state)

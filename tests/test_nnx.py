@@ -15,7 +15,7 @@ X = jax.random.normal(jax.random.key(42), (2, 8, 8, 3))
 
 class _Net(nnx.Module):
     def __init__(self, rngs: nnx.Rngs | None):
-        self.drop = DropBlock(0.6, 3, rngs=rngs)
+        self.drop = DropBlock(keep_prob=0.6, block_size=3, rngs=rngs)
 
     def __call__(self, x):
         return self.drop(x)
@@ -28,7 +28,7 @@ def _stream_keys(seed, n, collection="dropout"):
 
 
 def test_successive_calls_draw_new_masks_from_the_forked_stream():
-    layer = DropBlock(0.6, 3, rngs=nnx.Rngs(dropout=0))
+    layer = DropBlock(keep_prob=0.6, block_size=3, rngs=nnx.Rngs(dropout=0))
     ys = [layer(X) for _ in range(3)]
     for y, key in zip(ys, _stream_keys(0, 3)):
         np.testing.assert_array_equal(y, drop_block(key, X, 0.6, 3))
@@ -37,9 +37,9 @@ def test_successive_calls_draw_new_masks_from_the_forked_stream():
 
 
 def test_rng_stream_and_collection_name():
-    layer = DropBlock(0.6, 3, rng_collection="noise", rngs=nnx.Rngs(noise=3))
+    layer = DropBlock(keep_prob=0.6, block_size=3, rng_collection="noise", rngs=nnx.Rngs(noise=3))
     np.testing.assert_array_equal(layer(X), drop_block(_stream_keys(3, 1, "noise")[0], X, 0.6, 3))
-    stream_layer = DropBlock(0.6, 3, rngs=nnx.Rngs(dropout=3)["dropout"])
+    stream_layer = DropBlock(keep_prob=0.6, block_size=3, rngs=nnx.Rngs(dropout=3)["dropout"])
     np.testing.assert_array_equal(stream_layer(X), drop_block(_stream_keys(3, 1)[0], X, 0.6, 3))
 
 
@@ -76,7 +76,7 @@ def test_nnx_view_switches_a_view_and_leaves_the_model():
 
 
 def test_call_time_deterministic_overrides_the_attribute():
-    layer = DropBlock(0.6, 3, rngs=nnx.Rngs(dropout=0))
+    layer = DropBlock(keep_prob=0.6, block_size=3, rngs=nnx.Rngs(dropout=0))
     np.testing.assert_array_equal(layer(X, deterministic=True), X)
     layer.eval()
     np.testing.assert_array_equal(layer(X, deterministic=False), drop_block(_stream_keys(0, 1)[0], X, 0.6, 3))
@@ -94,21 +94,61 @@ def test_training_without_rngs_is_a_value_error_that_says_how_to_fix_it():
     np.testing.assert_array_equal(model(X), X)
 
 
-def test_bad_rngs_argument_is_a_type_error_naming_it():
-    with pytest.raises(TypeError, match="rngs"):
-        DropBlock(0.6, 3, rngs=0)
+def test_bad_rngs_argument_is_a_type_error_naming_it_and_the_value():
+    with pytest.raises(TypeError, match=r"rngs must be an nnx.Rngs, an nnx.RngStream or None, got 0 \(int\)"):
+        DropBlock(keep_prob=0.6, block_size=3, rngs=0)
+    layer = DropBlock(keep_prob=0.6, block_size=3, rngs=nnx.Rngs(dropout=0))
+    for bad, shown in [(0, "got 0 (int)"), ("key", "got 'key' (str)"), (np.zeros(3, np.uint32), "(ndarray)")]:
+        with pytest.raises(TypeError, match=r"rngs must be an nnx\.Rngs, an nnx\.RngStream or a PRNG key") as info:
+            layer(X, rngs=bad)
+        assert shown in str(info.value)
+    # A layer without rngs reports that, not the type of what it lacks.
+    with pytest.raises(ValueError, match="has no rngs"):
+        DropBlock(keep_prob=0.6, block_size=3)(X)
+
+
+def test_call_time_rngs_accept_every_key_drop_block_accepts():
+    layer = DropBlock(keep_prob=0.6, block_size=3, rngs=nnx.Rngs(dropout=0))
+    legacy = jax.random.PRNGKey(9)
+    expected = drop_block(legacy, X, 0.6, 3)
+    np.testing.assert_array_equal(layer(X, rngs=legacy), expected)
+    np.testing.assert_array_equal(layer(X, rngs=np.asarray(legacy)), expected)  # a NumPy legacy key
+    rbg = jax.random.key(9, impl="rbg")
+    np.testing.assert_array_equal(layer(X, rngs=rbg), drop_block(rbg, X, 0.6, 3))
+
+
+def test_constructor_arguments_are_keyword_only():
+    # DropBlock(0.1) would keep 10% where nnx.Dropout(0.1) drops 10%.
+    with pytest.raises(TypeError, match="positional"):
+        DropBlock(0.1, rngs=nnx.Rngs(0))
+
+
+def test_set_keep_prob_counts_the_layers_and_refuses_a_tree_without_any():
+    model = nnx.Sequential(
+        DropBlock(keep_prob=0.9, block_size=3, rngs=nnx.Rngs(dropout=0)),
+        nnx.Sequential(DropBlock(keep_prob=0.8, block_size=3, rngs=nnx.Rngs(dropout=1))),
+    )
+    assert set_keep_prob(model, 0.7) == 2
+    assert [float(model.layers[0].keep_prob[...]), float(model.layers[1].layers[0].keep_prob[...])] == [
+        np.float32(0.7)
+    ] * 2
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    with pytest.raises(ValueError, match=r"set_keep_prob found no dropblock_jax\.nnx\.DropBlock inside the Optimizer"):
+        set_keep_prob(optimizer, 0.9)
+    with pytest.raises(ValueError, match=r"no dropblock_jax\.nnx\.DropBlock"):
+        set_keep_prob(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), 0.9)
 
 
 @pytest.mark.parametrize("bad", [1.5, -0.5])
 def test_bad_keep_prob_names_the_argument(bad):
     with pytest.raises(ValueError, match="keep_prob"):
-        DropBlock(bad, 3)
+        DropBlock(keep_prob=bad, block_size=3)
     with pytest.raises(ValueError, match="value"):
-        set_keep_prob(DropBlock(0.9, 3), bad)
+        set_keep_prob(DropBlock(keep_prob=0.9, block_size=3), bad)
 
 
 def test_call_time_rngs_override_the_layer_stream():
-    layer = DropBlock(0.6, 3, rngs=nnx.Rngs(dropout=0))
+    layer = DropBlock(keep_prob=0.6, block_size=3, rngs=nnx.Rngs(dropout=0))
     key = jax.random.key(9)
     np.testing.assert_array_equal(layer(X, rngs=key), drop_block(key, X, 0.6, 3))
     rngs = nnx.Rngs(dropout=9)
@@ -120,7 +160,7 @@ def test_call_time_rngs_override_the_layer_stream():
 
 
 def test_call_time_keep_prob_overrides_the_stored_value():
-    layer = DropBlock(0.6, 3, rngs=nnx.Rngs(dropout=0))
+    layer = DropBlock(keep_prob=0.6, block_size=3, rngs=nnx.Rngs(dropout=0))
     np.testing.assert_array_equal(layer(X, keep_prob=1.0), X)
     np.testing.assert_array_equal(layer(X, keep_prob=0.8), drop_block(_stream_keys(0, 2)[1], X, 0.8, 3))
 
@@ -133,7 +173,10 @@ def test_keep_prob_is_data_not_a_parameter():
 
 
 def test_set_keep_prob_never_retraces_nnx_jit():
-    model = nnx.Sequential(DropBlock(0.9, 3, rngs=nnx.Rngs(dropout=0)), DropBlock(0.9, 3, rngs=nnx.Rngs(dropout=1)))
+    model = nnx.Sequential(
+        DropBlock(keep_prob=0.9, block_size=3, rngs=nnx.Rngs(dropout=0)),
+        DropBlock(keep_prob=0.9, block_size=3, rngs=nnx.Rngs(dropout=1)),
+    )
     traces = []
 
     @nnx.jit
@@ -157,7 +200,7 @@ def test_set_keep_prob_never_retraces_nnx_jit():
 
 
 def test_set_keep_prob_value_reaches_the_jitted_layer():
-    layer = DropBlock(0.9, 3, rngs=nnx.Rngs(dropout=0))
+    layer = DropBlock(keep_prob=0.9, block_size=3, rngs=nnx.Rngs(dropout=0))
     forward = nnx.jit(lambda layer, x: layer(x))
     set_keep_prob(layer, 0.7)
     np.testing.assert_array_equal(forward(layer, X), drop_block(_stream_keys(0, 1)[0], X, 0.7, 3))
@@ -167,7 +210,7 @@ def test_scheduled_training_with_nnx_optimizer():
     class CNN(nnx.Module):
         def __init__(self, rngs):
             self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
-            self.drop = DropBlock(1.0, 3, rngs=rngs)
+            self.drop = DropBlock(keep_prob=1.0, block_size=3, rngs=rngs)
             self.head = nnx.Linear(4, 3, rngs=rngs)
 
         def __call__(self, x):
@@ -204,7 +247,7 @@ def test_scheduled_training_with_nnx_optimizer():
 def _stacked_layers(n, seed=0):
     @nnx.vmap(in_axes=0, out_axes=0)
     def create(rngs):
-        return DropBlock(0.5, 3, rngs=rngs)
+        return DropBlock(keep_prob=0.5, block_size=3, rngs=rngs)
 
     return create(nnx.Rngs(dropout=seed).split(n))
 
@@ -230,7 +273,7 @@ def test_nnx_vmap_over_a_stack_of_layers():
 
 
 def test_nnx_vmap_over_unbatched_inputs_with_split_rngs():
-    layer = DropBlock(0.5, 3, rngs=nnx.Rngs(dropout=0))
+    layer = DropBlock(keep_prob=0.5, block_size=3, rngs=nnx.Rngs(dropout=0))
 
     @nnx.split_rngs(splits=2)
     @nnx.vmap(in_axes=(nnx.StateAxes({nnx.RngState: 0, ...: None}), 0))

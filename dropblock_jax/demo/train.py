@@ -115,7 +115,7 @@ def _train_step(model: ResNet, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Ar
         # Inside the jitted step keep_prob is traced data: the layers' keep_prob
         # variables change, the compiled program does not, so the fixed and the
         # scheduled runs share one compilation.
-        model.set_keep_prob(keep_prob)
+        model.set_stage_keep_probs(keep_prob)
     loss, grads = nnx.value_and_grad(_loss)(model, x, y)
     optimizer.update(model, grads)
     return loss
