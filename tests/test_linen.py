@@ -202,6 +202,52 @@ def test_scheduled_keep_prob_compiles_once_with_finite_loss_and_grads():
     assert train_step._cache_size() == 1
 
 
+def test_scheduled_keep_prob_in_a_train_state_loop_compiles_once():
+    """The Flax tutorials' loop: a TrainState with AdamW, the schedule of state.step."""
+    from flax.training import train_state
+
+    model = _CNN()
+    images = jax.random.normal(jax.random.key(0), (4, 8, 8, 2))
+    labels = jnp.array([0, 1, 2, 1])
+    params = model.init(jax.random.key(1), images, train=False)["params"]
+    schedule = optax.linear_schedule(1.0, 0.6, transition_steps=4)
+    state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adamw(1e-2, weight_decay=0.5))
+    traces = []
+
+    @jax.jit
+    def train_step(state, rng):
+        traces.append(None)
+        keep_prob = schedule(state.step)
+
+        def loss_fn(params):
+            logits, intermediates = state.apply_fn(
+                {"params": params},
+                images,
+                train=True,
+                keep_prob=keep_prob,
+                rngs={"dropout": rng},
+                capture_intermediates=lambda module, _: module.name in ("Conv_0", "drop"),
+                mutable=["intermediates"],
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            captured = intermediates["intermediates"]
+            return loss, (captured["Conv_0"]["__call__"][0], captured["drop"]["__call__"][0])
+
+        (loss, (conv, dropped)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads=grads), loss, conv, dropped
+
+    dropped_fractions = []
+    for step in range(5):
+        state, loss, conv, dropped = train_step(state, jax.random.fold_in(jax.random.key(2), step))
+        assert np.isfinite(float(loss))
+        # The units DropBlock zeroed: positive after the ReLU, zero after the layer.
+        positive = np.asarray(conv) > 0
+        dropped_fractions.append(float((np.asarray(dropped)[positive] == 0).mean()))
+    assert len(traces) == 1
+    # keep_prob 1 at the optimizer's step 0 drops nothing; the last steps' lower keep_prob drops.
+    assert dropped_fractions[0] == 0.0 and min(dropped_fractions[3:]) > 0.1, dropped_fractions
+
+
 def test_inside_nn_scan_rng_split_per_step():
     class Cell(nn.Module):
         @nn.compact

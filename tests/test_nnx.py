@@ -206,7 +206,9 @@ def test_set_keep_prob_value_reaches_the_jitted_layer():
     np.testing.assert_array_equal(forward(layer, X), drop_block(_stream_keys(0, 1)[0], X, 0.7, 3))
 
 
-def test_scheduled_training_with_nnx_optimizer():
+@pytest.mark.parametrize("tx", [optax.sgd(0.1), optax.adamw(1e-2, weight_decay=0.5)], ids=["sgd", "adamw"])
+@pytest.mark.parametrize("inside_the_step", [False, True], ids=["set_outside", "set_from_optimizer_step"])
+def test_scheduled_training_with_nnx_optimizer(tx, inside_the_step):
     class CNN(nnx.Module):
         def __init__(self, rngs):
             self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
@@ -217,7 +219,7 @@ def test_scheduled_training_with_nnx_optimizer():
             return self.head(self.drop(nnx.relu(self.conv(x))).mean(axis=(1, 2)))
 
     model = CNN(nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     images = jax.random.normal(jax.random.key(0), (4, 8, 8, 2))
     labels = jnp.array([0, 1, 2, 1])
     schedule = optax.linear_schedule(1.0, 0.8, transition_steps=4)
@@ -226,6 +228,8 @@ def test_scheduled_training_with_nnx_optimizer():
     @nnx.jit
     def train_step(model, optimizer, x, y):
         traces.append(None)
+        if inside_the_step:  # the flax tutorials' way: the schedule of the optimizer's own step
+            set_keep_prob(model, schedule(optimizer.step[...]))
 
         def loss_fn(model):
             return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
@@ -235,7 +239,8 @@ def test_scheduled_training_with_nnx_optimizer():
         return loss, grads
 
     for step in range(5):
-        set_keep_prob(model, schedule(step))
+        if not inside_the_step:
+            set_keep_prob(model, schedule(step))
         loss, grads = train_step(model, optimizer, images, labels)
         assert np.isfinite(float(loss))
         assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
