@@ -146,8 +146,13 @@ def drop_block(
     Args:
       key: a PRNG key (``jax.random.key`` of any impl, or legacy ``jax.random.PRNGKey``).
       x: floating array; channels-last by default (``(N, H, W, C)``, ``(N, T, C)``, ...).
+        An array with a zero-size axis is returned as it is (its arguments are
+        still checked).
       keep_prob: probability of keeping a unit, in [0, 1]; may be traced (a traced
         value is clipped to [0, 1]). 1 returns ``x`` unchanged; 0 drops everything.
+        A traced NaN makes the whole output NaN, so that a broken schedule shows in
+        the loss; under ``jax.experimental.checkify.checkify`` it is reported as an
+        error (a concrete NaN is a ``ValueError``).
       block_size: int (square block over 2 spatial axes, or over every axis of
         ``spatial_axes``) or tuple of ints, one per spatial axis; clipped to the map.
       spatial_axes: axes the blocks extend over. Default: the ``len(block_size)``
@@ -216,7 +221,8 @@ def block_mask(
 
     Args:
       key: a PRNG key (``jax.random.key`` of any impl, or legacy ``jax.random.PRNGKey``).
-      shape: shape of the feature map the mask is for.
+      shape: shape of the feature map the mask is for (Python or NumPy ints); a
+        zero-size axis gives an empty mask.
       keep_prob, block_size, spatial_axes, broadcast_dims, seed_region, gamma: as in
         :func:`drop_block`.
 
