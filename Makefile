@@ -9,9 +9,9 @@ MIN_TESTS := tests/test_functional.py tests/test_linen.py tests/test_nnx.py test
 	tests/test_random.py tests/test_lowering.py tests/test_keras.py
 
 # What ruff lints and format-checks; the notebooks and Markdown pages are checked by running them.
-LINT_PATHS := dropblock_jax tests benchmarks conftest.py
+LINT_PATHS := dropblock_jax tests benchmarks conftest.py docs
 
-.PHONY: test test-env test-env-min lint test-latest test-min demo bench clean
+.PHONY: test test-env test-env-min lint test-latest test-min docs docs-env docs-build notebooks demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,10 @@ $(MIN_BIN)/python:
 # The installs run one after the other (both write the package's build metadata into the
 # source tree), then the linters (seconds, so a lint error fails before the suites start);
 # the two suites then run side by side, each printing when it ends: a pytest process leaves
-# much of a second core idle.
+# much of a second core idle. The documentation site (which executes the notebooks) is
+# built on whichever lane frees first.
 test: test-env test-env-min lint
-	$(MAKE) --no-print-directory --output-sync=target -j2 test-latest test-min
+	$(MAKE) --no-print-directory --output-sync=target -j2 test-latest test-min docs-build
 
 test-env: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -46,6 +47,22 @@ test-latest:
 test-min:
 	$(MIN_BIN)/python -m pytest $(MIN_TESTS)
 
+# The documentation site, in docs/_build/html (open index.html). docs-build runs the notebooks;
+# -W: a warning is an error, -n: every reference must resolve, --keep-going: all are listed.
+docs: docs-env
+	$(MAKE) --no-print-directory docs-build
+
+docs-env: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+
+docs-build:
+	rm -rf docs/_build docs/_autosummary
+	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
+
+# Runs the notebooks and stores them with their outputs (the pictures GitHub shows).
+notebooks: docs-env
+	$(BIN)/python docs/execute_notebooks.py
+
 demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[demo]'
 	$(BIN)/python -m dropblock_jax.demo
@@ -56,4 +73,4 @@ bench: $(BIN)/python
 	$(BIN)/python benchmarks/resnet.py
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) demo_output build dist *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) demo_output build dist *.egg-info docs/_build docs/_autosummary docs/notebooks
