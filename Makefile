@@ -48,7 +48,8 @@ test-min:
 	$(MIN_BIN)/python -m pytest $(MIN_TESTS)
 
 # The documentation site, in docs/_build/html (open index.html). docs-build runs the notebooks;
-# -W: a warning is an error, -n: every reference must resolve, --keep-going: all are listed.
+# -W: a warning is an error (conf.py makes every reference one that must resolve),
+# --keep-going: all of them are listed.
 docs: docs-env
 	$(MAKE) --no-print-directory docs-build
 
@@ -57,7 +58,7 @@ docs-env: $(BIN)/python
 
 docs-build:
 	rm -rf docs/_build docs/_autosummary
-	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 # Runs the notebooks and stores them with their outputs (the pictures GitHub shows).
 notebooks: docs-env
