@@ -1,6 +1,6 @@
-"""Full signatures for the layers in the API reference.
+"""Full signatures and no borrowed docstrings in the API reference.
 
-Two things autodoc would otherwise print:
+What autodoc would otherwise print:
 
 - Flax NNX modules (through their metaclass's ``__call__``) and Keras layers (through
   ``Layer.__new__``) report ``(*args, **kwargs)`` as their class signature; the
@@ -10,8 +10,12 @@ Two things autodoc would otherwise print:
 - A default value whose repr is ``<module.Class object>`` (the ``parent`` of every Linen
   module) is not Python, so Sphinx cannot parse the signature and splits it at every
   comma, brackets included; the reference shows it as ``module.Class()``.
+- A constant without a docstring of its own (``__version__``, a tuple of choices) gets
+  its type's docstring (``str``'s, ``tuple``'s); the reference shows only what
+  api.md says of it.
 """
 
+import inspect
 import re
 
 from sphinx.application import Sphinx
@@ -44,7 +48,15 @@ def full_signature(
     return signature, return_annotation
 
 
+def no_borrowed_docstring(app: Sphinx, what: str, name: str, obj: object, options: object, lines: list[str]) -> None:
+    """Drops the docstring a constant inherits from its type."""
+    borrowed = type(obj).__doc__
+    if what in ("data", "attribute") and borrowed and "\n".join(lines).strip() == inspect.cleandoc(borrowed):
+        lines.clear()
+
+
 def setup(app: Sphinx) -> dict[str, object]:
-    """Connects the signature hook."""
+    """Connects the hooks."""
     app.connect("autodoc-process-signature", full_signature)
+    app.connect("autodoc-process-docstring", no_borrowed_docstring)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
