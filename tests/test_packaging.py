@@ -53,6 +53,13 @@ def test_the_sdist_holds_the_sources(dist):
         names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
     for name in ["pyproject.toml", "README.md", f"{PACKAGE}/__init__.py", f"{PACKAGE}/py.typed"]:
         assert name in names
+    assert {"examples/train.py", "examples/requirements.txt"} <= names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_the_examples_are_in_the_sdist_only(dist):
+    _, wheel = dist
+    assert not [n for n in zipfile.ZipFile(wheel).namelist() if "examples/" in n]
 
 
 def test_the_minimum_pins_are_the_declared_minimums():
