@@ -1,0 +1,53 @@
+"""Release files: the license, and the configurations that build and publish the docs.
+
+The documentation site itself is built (and its notebooks executed) by ``make docs``,
+a step of ``make test``; these checks read files only.
+"""
+
+import hashlib
+import pathlib
+import tomllib
+
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+COPYRIGHT = "   Copyright 2026 The dropblock_jax Authors"
+# MD5 of the Apache License 2.0 as the Apache Software Foundation publishes it
+# (LICENSE-2.0.txt), whose appendix has the placeholder line below.
+APACHE_2_0_MD5 = "3b83ef96387f14655fc854ddc3c6bd57"
+PLACEHOLDER = "   Copyright [yyyy] [name of copyright owner]"
+
+
+def test_license_is_the_apache_2_0_text_with_our_copyright():
+    text = (ROOT / "LICENSE").read_text()
+    assert text.count(COPYRIGHT + "\n") == 1
+    assert hashlib.md5(text.replace(COPYRIGHT, PLACEHOLDER).encode()).hexdigest() == APACHE_2_0_MD5
+
+
+def test_the_package_declares_and_ships_the_license():
+    assert PYPROJECT["project"]["license"] == "Apache-2.0"
+    assert PYPROJECT["project"]["license-files"] == ["LICENSE"]
+
+
+def test_make_test_installs_what_the_docs_build_needs():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert "dropblock-jax[docs]" in extras["test"]
+    assert any(requirement.startswith("sphinx>=") for requirement in extras["docs"])
+
+
+def test_read_the_docs_builds_the_site_make_docs_builds():
+    config = yaml.safe_load((ROOT / ".readthedocs.yaml").read_text())
+    assert config["sphinx"]["configuration"] == "docs/conf.py"
+    assert config["sphinx"]["fail_on_warning"] is True
+    (install,) = config["python"]["install"]
+    assert install["extra_requirements"] == ["docs"]
+
+
+def test_ci_runs_make_test_on_the_oldest_supported_python():
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    runs = {entry["python"]: entry["run"] for entry in workflow["jobs"]["test"]["strategy"]["matrix"]["include"]}
+    oldest = PYPROJECT["project"]["requires-python"].removeprefix(">=")
+    assert runs[oldest] == "make test"
+    newest = max(runs, key=lambda version: tuple(map(int, version.split("."))))
+    assert newest != oldest and "docs-build" in runs[newest] and "test-latest" in runs[newest]
