@@ -9,7 +9,7 @@ MIN_TESTS := tests/test_functional.py tests/test_linen.py tests/test_nnx.py test
 	tests/test_random.py tests/test_lowering.py tests/test_keras.py
 
 # What ruff lints and format-checks; the notebooks and Markdown pages are checked by running them.
-LINT_PATHS := dropblock_jax tests benchmarks conftest.py docs
+LINT_PATHS := dropblock_jax tests benchmarks examples conftest.py docs
 
 .PHONY: test test-env test-env-min lint test-latest test-min docs docs-env docs-build notebooks demo bench clean
 
