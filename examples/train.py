@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import functools
 import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -291,9 +290,15 @@ def jitted_train_step(config: Config, graphdef: nnx.GraphDef, with_masks: bool) 
 
 
 def checkpoint_manager(directory: str | os.PathLike[str]) -> ocp.CheckpointManager:
-    """Orbax's manager, keeping the last two checkpoints."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=2)
-    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+    """Orbax's manager, keeping the last two checkpoints.
+
+    ``directory`` is a local path or a URL orbax understands (``gs://bucket/run``): on
+    several hosts, one place they all reach.
+    """
+    location = os.fspath(directory)
+    if "://" not in location:
+        location = os.path.abspath(location)
+    return ocp.CheckpointManager(location, options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
 
 def restore_or_keep(manager: ocp.CheckpointManager, state: dict[str, Any]) -> dict[str, Any]:
