@@ -75,9 +75,11 @@ def key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
     """64 bits of a typed PRNG key (any impl) as two uint32 words.
 
     A threefry key is its two data words; a longer key (rbg: four) folds each half of
-    its words into one with XXH32.
+    its words into one with XXH32; a one-word key (philox2x32) is that word and 0.
     """
     words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+    if words.shape[0] == 1:
+        return words[0], _u32(0)
     halves = (words[: words.shape[0] // 2], words[words.shape[0] // 2 :])
     folded = []
     for half in halves:
