@@ -45,13 +45,18 @@ def test_the_wheel_holds_the_package_and_nothing_else(dist):
     unwanted = [n for n in names if any(f in n for f in folders) or "conftest" in n]
     unwanted += [n for n in names if n.endswith((".ipynb", ".png", ".jpg"))]
     assert not unwanted
+    # The license travels with the wheel, named in its metadata.
+    (license_file,) = [n for n in names if n.startswith(dist_info) and n.endswith("/licenses/LICENSE")]
+    assert "Apache License" in zipfile.ZipFile(wheel).read(license_file).decode()
+    (metadata,) = [n for n in names if n.startswith(dist_info) and n.endswith("/METADATA")]
+    assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel).read(metadata).decode()
 
 
 def test_the_sdist_holds_the_sources(dist):
     sdist, _ = dist
     with tarfile.open(sdist) as archive:
         names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
-    for name in ["pyproject.toml", "README.md", f"{PACKAGE}/__init__.py", f"{PACKAGE}/py.typed"]:
+    for name in ["pyproject.toml", "README.md", "LICENSE", f"{PACKAGE}/__init__.py", f"{PACKAGE}/py.typed"]:
         assert name in names
     assert {"examples/train.py", "examples/requirements.txt"} <= names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
@@ -63,7 +68,8 @@ def test_the_examples_are_in_the_sdist_only(dist):
 
 
 def test_the_minimum_pins_are_the_declared_minimums():
-    declared = PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["equinox"]
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    declared = PYPROJECT["project"]["dependencies"] + extras["equinox"] + extras["keras"]
     pins = [
         Requirement(line)
         for line in (ROOT / "requirements-min.txt").read_text().splitlines()
