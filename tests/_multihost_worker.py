@@ -326,16 +326,18 @@ CHECKS = [
 
 def main() -> None:
     results = {
+        "startup_cpu_seconds": time.process_time(),
         "process_index": jax.process_index(),
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
         "local_device_count": jax.local_device_count(),
     }
     for check in CHECKS:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             results[check.__name__] = check()
             results[check.__name__]["seconds"] = time.perf_counter() - start
+            results[check.__name__]["cpu_seconds"] = time.process_time() - cpu_start
         except Exception:  # every failure is reported to the test that owns it.
             results[check.__name__] = {"error": traceback.format_exc()}
     print(json.dumps(results), flush=True)
