@@ -27,6 +27,8 @@ from dropblock_jax._geometry import (
 )
 from dropblock_jax._rates import checked_probability, concrete_value
 
+__all__ = ["DropBlock"]
+
 # The rank of the input is known only at the call. At construction the axes are checked
 # against an unbounded rank (type and repeats); their range is checked at the call.
 _UNKNOWN_RANK = sys.maxsize

@@ -12,6 +12,8 @@ from jax.typing import ArrayLike
 
 from dropblock_jax._functional import drop_block, layer_options
 
+__all__ = ["DropBlock"]
+
 
 class DropBlock(nn.Module, kw_only=True):
     """DropBlock as a Linen layer, used like ``flax.linen.Dropout``.

@@ -13,6 +13,8 @@ from dropblock_jax._functional import drop_block, layer_options
 from dropblock_jax._mask import check_key
 from dropblock_jax._rates import checked_probability
 
+__all__ = ["DropBlock", "set_keep_prob"]
+
 
 class DropBlock(nnx.Module):
     """DropBlock as an NNX layer, used like ``flax.nnx.Dropout``.
