@@ -30,8 +30,8 @@ from dropblock_jax.nnx import DropBlock, set_keep_prob
 
 __all__ = ["REGULARIZERS", "InferenceDropBlock", "ResNet", "ResidualBlock", "stage_keep_prob"]
 
-#: The regularizers :class:`ResNet` can place: none, plain dropout, SpatialDropout (one
-#: draw per channel map) or DropBlock.
+#: The values of :class:`ResNet`'s ``regularizer``, the regularizers it can place (none, plain
+#: dropout, SpatialDropout with one draw per channel map, or DropBlock).
 REGULARIZERS = ("none", "dropout", "spatial_dropout", "dropblock")
 
 # Later stages see coarser, more semantic features; the authors drop 4x less in
