@@ -434,36 +434,66 @@ def simulate_hosts(count: int, devices_per_host: int, argv: Sequence[str], timeo
     return status
 
 
+def _without_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` less ``option`` and its value (``option VALUE`` or ``option=VALUE``)."""
+    kept: list[str] = []
+    skip_value = False
+    for word in argv:
+        if skip_value:
+            skip_value = False
+        elif word == option:
+            skip_value = True
+        elif not word.startswith(f"{option}="):
+            kept.append(word)
+    return kept
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    widths = tuple(_positive_int(w) for w in text.split(","))
+    if len(widths) < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 2 stages (DropBlock is in the last two), got {text!r}")
+    return widths
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line; ``--help`` lists it."""
     defaults = Config()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--global-batch", type=int, default=defaults.global_batch)
+    parser.add_argument("--steps", type=_positive_int, default=defaults.steps)
+    parser.add_argument("--global-batch", type=_positive_int, default=defaults.global_batch)
     parser.add_argument("--keep-prob", type=float, default=defaults.keep_prob, help="keep_prob at the end of the run")
-    parser.add_argument("--block-size", type=int, default=defaults.block_size)
+    parser.add_argument("--block-size", type=_positive_int, default=defaults.block_size)
     parser.add_argument(
         "--widths",
-        type=lambda text: tuple(int(w) for w in text.split(",")),
+        type=_widths,
         default=defaults.widths,
         help="channels of each ResNet stage, comma-separated (the last two stages get DropBlock)",
     )
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--checkpoint-dir", default=None, help="save here, and resume from here when it holds one")
-    parser.add_argument("--checkpoint-every", type=int, default=10)
-    parser.add_argument("--log-every", type=int, default=5)
-    parser.add_argument("--stop-after", type=int, default=None, help="stop at this step (as if preempted)")
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=10)
+    parser.add_argument("--log-every", type=_positive_int, default=5)
+    parser.add_argument("--stop-after", type=_positive_int, default=None, help="stop at this step (as if preempted)")
     cluster = parser.add_argument_group("processes")
     cluster.add_argument(
         "--distributed",
         action="store_true",
         help="jax.distributed.initialize() with its own detection (TPU pod slices, SLURM, ...)",
     )
-    cluster.add_argument("--simulate-hosts", type=int, default=0, help="spawn this many local processes")
-    cluster.add_argument("--devices-per-host", type=int, default=2, help="CPU devices of each simulated host")
+    cluster.add_argument("--simulate-hosts", type=_positive_int, default=None, help="spawn this many local processes")
+    cluster.add_argument("--devices-per-host", type=_positive_int, default=2, help="CPU devices of each simulated host")
     cluster.add_argument("--timeout", type=float, default=600.0, help="seconds the simulated hosts may take")
-    cluster.add_argument("--coordinator", default=None, help="host:port of process 0 (explicit initialization)")
+    cluster.add_argument(
+        "--coordinator", default=None, help="host:port of process 0 (explicit initialization; CPU processes use gloo)"
+    )
     cluster.add_argument("--num-processes", type=int, default=None)
     cluster.add_argument("--process-id", type=int, default=None)
     return parser.parse_args(argv)
@@ -474,10 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.simulate_hosts:
-        passed_on = [a for a in argv if not a.startswith("--simulate-hosts")]
-        if "--simulate-hosts" in argv:
-            index = argv.index("--simulate-hosts")
-            passed_on = argv[:index] + argv[index + 2 :]
+        passed_on = _without_option(argv, "--simulate-hosts")
         return simulate_hosts(args.simulate_hosts, args.devices_per_host, passed_on, args.timeout)
     if args.coordinator is not None:
         # CPU processes exchange the step's all-reduces through gloo.

@@ -121,3 +121,8 @@ def test_batches_are_a_function_of_the_step():
     # One epoch (6 batches of 16 from 100 records) draws no record twice.
     epoch = np.concatenate([example.local_batch_indices(s, 100, 16, 0, 1) for s in range(6)])
     assert len(set(epoch.tolist())) == 96
+
+
+def test_simulated_hosts_get_the_command_line_without_the_option_that_spawned_them():
+    argv = ["--steps", "3", "--simulate-hosts", "2", "--seed=1", "--simulate-hosts=4"]
+    assert example._without_option(argv, "--simulate-hosts") == ["--steps", "3", "--seed=1"]
