@@ -57,7 +57,11 @@ def stage_keep_prob(keep_prob: ArrayLike, stages_from_last: int) -> jax.Array:
       >>> round(float(stage_keep_prob(0.9, 1)), 3)
       0.975
     """
-    keep = checked_probability("keep_prob", keep_prob)
+    return _stage_keep(checked_probability("keep_prob", keep_prob), stages_from_last)
+
+
+def _stage_keep(keep: Any, stages_from_last: int) -> Any:
+    """The 1/4 rule on a Python float (static, for constructors) or an array (a schedule)."""
     return 1.0 - (1.0 - keep) / _STAGE_DROP_DECAY**stages_from_last
 
 
@@ -322,7 +326,8 @@ class ResNet(nnx.Module):
         for index, (width, count) in enumerate(zip(widths, blocks)):
             from_last = len(widths) - 1 - index
             regularized = from_last < regularized_stages
-            stage_keep = float(stage_keep_prob(keep_prob, from_last)) if regularized else 1.0
+            # Python floats, so that the model can be built under jit or nnx.eval_shape.
+            stage_keep = _stage_keep(float(keep_prob), from_last) if regularized else 1.0
             stage = []
             for block in range(count):
                 stage.append(

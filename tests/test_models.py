@@ -183,3 +183,12 @@ def test_inference_dropblock_refuses_bad_arguments(kwargs, message):
     args = dict(key=jax.random.key(0), keep_prob=0.9) | kwargs
     with pytest.raises(ValueError, match=message):
         InferenceDropBlock(**args)
+
+
+def test_the_model_can_be_built_under_jit_and_eval_shape():
+    # Pod users build models sharded inside jit; the constructor must not need concrete values.
+    build = lambda: ResNet(10, widths=(4, 8), blocks=(1, 1), block_size=3, rngs=nnx.Rngs(params=0, dropout=1))  # noqa: E731
+    abstract = nnx.eval_shape(build)
+    assert isinstance(abstract, ResNet)
+    model = nnx.jit(build)()
+    assert [float(k) for k in model.keep_probs()] == pytest.approx([0.975, 0.9])
