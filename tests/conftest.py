@@ -1,5 +1,8 @@
 """Shared helpers for the test suite."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 
@@ -29,3 +32,25 @@ DROP_BLOCK_OPTION_DEFAULTS = {
     "normalize": "batch",
     "axis_name": None,
 }
+
+
+# Hypothesis profiles for tests/test_properties.py, chosen with HYPOTHESIS_PROFILE:
+# "ci" (the default, what `make test` runs) tries the same few examples on every run;
+# "thorough" draws many new ones, e.g. `HYPOTHESIS_PROFILE=thorough pytest tests/test_properties.py`.
+# No deadline: the first example of a new shape includes XLA's compile time.
+# "thorough" keeps the failures it finds in .pytest_cache (git-ignored) and tries them first next time.
+try:
+    from hypothesis import settings
+    from hypothesis.database import DirectoryBasedExampleDatabase
+except ImportError:  # an environment without the test extra; the property tests then fail to import
+    pass
+else:
+    settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None, print_blob=True)
+    settings.register_profile(
+        "thorough",
+        max_examples=500,
+        deadline=None,
+        print_blob=True,
+        database=DirectoryBasedExampleDatabase(Path(__file__).parent.parent / ".pytest_cache" / "hypothesis"),
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

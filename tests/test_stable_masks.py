@@ -36,7 +36,22 @@ KEYS = {
     "legacy": lambda: jax.random.PRNGKey(1810),
     "rbg": lambda: jax.random.wrap_key_data(np.array([7, 1810, 12890, 2018], np.uint32), impl="rbg"),
     "unsafe_rbg": lambda: jax.random.wrap_key_data(np.array([3, 5, 8, 13], np.uint32), impl="unsafe_rbg"),
+    "philox2x32": lambda: jax.random.wrap_key_data(np.array([2018], np.uint32), impl="philox2x32"),
+    "philox4x32": lambda: jax.random.wrap_key_data(np.array([1810, 12890], np.uint32), impl="philox4x32"),
+    "threefry4x32": lambda: jax.random.wrap_key_data(np.array([21, 34, 55, 89], np.uint32), impl="threefry4x32"),
 }
+
+
+def _available(impl):
+    try:
+        jax.random.key(0, impl=impl)
+    except ValueError:
+        return False
+    return True
+
+
+# Key implementations newer than the minimum JAX (0.8.1 lacks them): pinned where JAX has them.
+NEWER_KEYS = [impl for impl in ("philox2x32", "philox4x32", "threefry4x32") if _available(impl)]
 
 # name: (key, shape, keep_prob, block_size, keyword arguments)
 MASK_CASES = {
@@ -55,6 +70,7 @@ MASK_CASES = {
     "legacy PRNGKey": ("legacy", (2, 12, 12, 8), 0.8, 3, {}),
     "rbg key": ("rbg", (2, 12, 12, 8), 0.8, 3, {}),
     "unsafe_rbg key": ("unsafe_rbg", (2, 12, 12, 8), 0.8, 3, {}),
+    **{f"{impl} key": (impl, (2, 12, 12, 8), 0.8, 3, {}) for impl in NEWER_KEYS},
 }
 
 # name: (kept entries, SHA-256 of the shape and the packed mask): the masks of the 0.2 line.
@@ -74,6 +90,9 @@ PINNED_MASKS = {
     "legacy PRNGKey": (1898, "14b8266d246c24e75923e31aba85d1057381963c0e812c76b9c5fa30e03bd3ca"),
     "rbg key": (1882, "2676f4665e96f48df312a88545605cca6401ef16e3f0801c337037dc331439cf"),
     "unsafe_rbg key": (1927, "993baae7633f07eb94637b1bf856616bfe521361bc981c68f6f1499f9ec504cd"),
+    "philox2x32 key": (1955, "5808f76f0d28a7adb657be04f21475f9f31064a067fa9ab6ecdba4f384784ef0"),
+    "philox4x32 key": (1825, "6e04b3a7b134b0f63f892df9cae80806a47d0c29921732dbac6d587a615f28d2"),
+    "threefry4x32 key": (1934, "2400214f676dda9169a948dd4fb28db4bc39d5dc1d21d246593fadf1b8c957e0"),
 }
 
 # The output of drop_block for one configuration, float32 bits ("batch" normalization is
