@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 
 
@@ -32,6 +33,18 @@ DROP_BLOCK_OPTION_DEFAULTS = {
     "normalize": "batch",
     "axis_name": None,
 }
+
+
+def available_key_impls(names):
+    """The PRNG key implementations among ``names`` that this JAX has (older ones lack philox, threefry4x32)."""
+    available = []
+    for name in names:
+        try:
+            jax.random.key(0, impl=name)
+        except ValueError:
+            continue
+        available.append(name)
+    return available
 
 
 # Hypothesis profiles for tests/test_properties.py, chosen with HYPOTHESIS_PROFILE:

@@ -20,22 +20,15 @@ from hypothesis import strategies as st
 from test_mask import _is_union_of_blocks
 
 import dropblock_jax as db
+from conftest import available_key_impls
 
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
-
-
-def _available_impl(name):
-    try:
-        jax.random.key(0, impl=name)
-    except ValueError:  # an implementation newer than this JAX
-        return False
-    return True
 
 
 # Every key implementation this JAX has (philox and threefry4x32 are newer than the minimum), and legacy keys.
 KEY_KINDS = (
     "legacy",
-    *filter(_available_impl, ["threefry2x32", "rbg", "unsafe_rbg", "philox2x32", "philox4x32", "threefry4x32"]),
+    *available_key_impls(["threefry2x32", "rbg", "unsafe_rbg", "philox2x32", "philox4x32", "threefry4x32"]),
 )
 SEED_REGIONS = ("valid", "everywhere")
 GAMMAS = ("paper", "calibrated")

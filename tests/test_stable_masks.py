@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import dropblock_jax as db
+from conftest import available_key_impls
 from dropblock_jax import _geometry, _mask, _random
 
 POLICY = (
@@ -42,16 +43,8 @@ KEYS = {
 }
 
 
-def _available(impl):
-    try:
-        jax.random.key(0, impl=impl)
-    except ValueError:
-        return False
-    return True
-
-
 # Key implementations newer than the minimum JAX (0.8.1 lacks them): pinned where JAX has them.
-NEWER_KEYS = [impl for impl in ("philox2x32", "philox4x32", "threefry4x32") if _available(impl)]
+NEWER_KEYS = available_key_impls(["philox2x32", "philox4x32", "threefry4x32"])
 
 # name: (key, shape, keep_prob, block_size, keyword arguments)
 MASK_CASES = {
