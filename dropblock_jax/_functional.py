@@ -123,6 +123,20 @@ def _drop_block(
     return jnp.where(mask.kept(), scaled, jnp.zeros((), x.dtype))
 
 
+def _check_axis_name_is_bound(axis_name: Hashable | None) -> None:
+    """Raises a ValueError naming ``axis_name`` where JAX's psum would raise a NameError about psum."""
+    if axis_name is None:
+        return
+    try:
+        jax.lax.axis_size(axis_name)
+    except NameError as error:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not bound here: normalize='batch' sums its counts over that "
+            "mapped axis, so call drop_block inside the jax.vmap, jax.pmap or shard_map that names it "
+            "(vmap(..., axis_name=...)), or pass axis_name=None."
+        ) from error
+
+
 def drop_block(
     key: ArrayLike,
     x: ArrayLike,
@@ -198,6 +212,8 @@ def drop_block(
     layout = _layout(x.shape, block_size, spatial_axes, broadcast_dims, seed_region, gamma)
     check_choice("normalize", normalize, NORMALIZE_MODES)
     check_axis_name(axis_name)
+    if normalize == "batch":
+        _check_axis_name_is_bound(axis_name)
     if layout is None or concrete_value(keep_prob) == 1.0:
         return x
     return _drop_block(key, x, keep, layout, gamma, normalize, axis_name)

@@ -153,3 +153,14 @@ def test_no_nan_from_legal_extremes():
             for normalize in ["batch", "expected", "none"]:
                 y = db.drop_block(KEY, X, keep, 3, gamma=gamma, normalize=normalize)
                 assert np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("axis_name", ["batch", ("batch", "model")])
+def test_unbound_axis_name(axis_name):
+    with pytest.raises(ValueError, match=r"axis_name .* is not bound here") as info:
+        db.drop_block(KEY, X, 0.9, 3, axis_name=axis_name)
+    assert repr(axis_name) in str(info.value)
+    with pytest.raises(ValueError, match="is not bound here"):  # before keep_prob 1 returns x
+        db.drop_block(KEY, X, 1.0, 3, axis_name=axis_name)
+    with pytest.raises(ValueError, match="is not bound here"):  # bound to another axis
+        jax.vmap(lambda x: db.drop_block(KEY, x, 0.9, 3, axis_name=axis_name), axis_name="other")(X)
