@@ -6,7 +6,8 @@ MIN_VENV := .venv-min
 MIN_BIN := $(MIN_VENV)/bin
 MIN_TESTS := tests/test_functional.py tests/test_linen.py tests/test_nnx.py tests/test_mask.py \
 	tests/test_errors.py tests/test_api.py tests/test_statistics.py tests/test_equinox.py \
-	tests/test_random.py tests/test_lowering.py tests/test_keras.py
+	tests/test_random.py tests/test_lowering.py tests/test_keras.py tests/test_stable_masks.py \
+	tests/test_properties.py
 
 # What ruff lints and format-checks; the notebooks and Markdown pages are checked by running them.
 LINT_PATHS := dropblock_jax tests benchmarks examples conftest.py docs
