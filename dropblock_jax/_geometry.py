@@ -279,3 +279,78 @@ def mask_layout(
         broadcast_dims=tuple(sorted(broadcast)),
         geometry=spatial_geometry(sizes, block, seed_region),
     )
+
+
+# The largest stand-in rank check_layer_arguments builds; an axis so large that it needs
+# more (no feature map has thousands of dimensions) is left to the call to refuse.
+_LAYER_CHECK_MAX_RANK = 4096
+
+
+def _axis_ints(axes: object) -> list[int]:
+    """The int entries of an axis argument (an int or a sequence); other entries are left to the checks."""
+    entries = axes if isinstance(axes, (tuple, list)) else (axes,)
+    return [int(a) for a in entries if is_int(a)]
+
+
+def check_layer_arguments(
+    *,
+    keep_prob: float | None,
+    block_size: int | Sequence[int],
+    spatial_axes: int | Sequence[int] | None,
+    broadcast_dims: int | Sequence[int],
+    seed_region: str,
+    gamma: str,
+    normalize: str,
+    axis_name: Hashable | None = None,
+) -> None:
+    """Checks a layer's ``drop_block`` arguments when the layer is built, with ``drop_block``'s messages.
+
+    Every check that holds whatever the input's rank runs here: ``keep_prob`` (unless
+    None), the types and sizes of ``block_size``, ``spatial_axes`` against
+    ``block_size``, repeated axes, ``broadcast_dims`` naming a spatial axis as written,
+    ``seed_region``, ``gamma``, ``normalize`` and ``axis_name``, with the messages
+    ``drop_block`` gives for the smallest array these arguments fit. What depends on
+    the input (an axis out of range, too few dimensions for the spatial axes, negative
+    and positive axes that meet) is checked at the call.
+
+    Args:
+      keep_prob: the layer's keep_prob, or None where it is not checked here.
+      block_size, spatial_axes, broadcast_dims, seed_region, gamma, normalize,
+        axis_name: as given to :func:`dropblock_jax.drop_block`.
+
+    Raises:
+      TypeError: for an argument of the wrong type.
+      ValueError: for an argument out of range, or inconsistent with another one.
+
+    Examples:
+      >>> check_layer_arguments(keep_prob=0.9, block_size=3, spatial_axes=None, broadcast_dims=(-1,),
+      ...                       seed_region="valid", gamma="paper", normalize="batch")
+      >>> check_layer_arguments(keep_prob=None, block_size=(3, 3), spatial_axes=(1,), broadcast_dims=(),
+      ...                       seed_region="valid", gamma="paper", normalize="batch")
+      Traceback (most recent call last):
+      ...
+      ValueError: block_size must have one entry per spatial axis (1), got (3, 3).
+    """
+    if keep_prob is not None:
+        # The rates module builds on this one, so it can only be imported once both are loaded.
+        from dropblock_jax._rates import checked_probability
+
+        checked_probability("keep_prob", keep_prob)
+    check_choice("gamma", gamma, GAMMA_MODES)
+    # The layout of the smallest array these arguments fit, in which axes written
+    # differently are different axes: mask_layout then raises exactly the errors
+    # drop_block raises for every input, and its messages name that array's axes.
+    named = _axis_ints(broadcast_dims) + ([] if spatial_axes is None else _axis_ints(spatial_axes))
+    after = [a for a in named if a >= 0]
+    before = [-a for a in named if a < 0]
+    if spatial_axes is None:
+        # The default spatial axes reach back to the one before the channel axis.
+        before.append((len(block_size) if isinstance(block_size, (tuple, list)) else DEFAULT_SPATIAL_RANK) + 1)
+    rank = max(after, default=-1) + 1 + max(before, default=0)
+    if rank <= _LAYER_CHECK_MAX_RANK:
+        mask_layout((1,) * rank, block_size, spatial_axes, broadcast_dims, seed_region)
+    else:
+        parse_block_size(block_size)
+        check_choice("seed_region", seed_region, SEED_REGIONS)
+    check_choice("normalize", normalize, NORMALIZE_MODES)
+    check_axis_name(axis_name)
