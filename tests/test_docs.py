@@ -6,6 +6,8 @@ a step of ``make test``; these checks read files only.
 
 import hashlib
 import pathlib
+import subprocess
+import sys
 import tomllib
 
 import yaml
@@ -51,3 +53,14 @@ def test_ci_runs_make_test_on_the_oldest_supported_python():
     assert runs[oldest] == "make test"
     newest = max(runs, key=lambda version: tuple(map(int, version.split("."))))
     assert newest != oldest and "docs-build" in runs[newest] and "test-latest" in runs[newest]
+
+
+def test_the_gamma_sweep_on_the_arguments_page_is_what_its_command_prints():
+    page = (ROOT / "docs" / "arguments.md").read_text()
+    command = "python benchmarks/gamma_table.py --sweep"
+    assert f"`{command}`" in page
+    printed = subprocess.run(
+        [sys.executable, *command.split()[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+    ).stdout.strip()
+    assert printed.count("\n") > 10, printed
+    assert f"\n\n{printed}\n\n" in page, f"rerun `{command}` and paste its table into docs/arguments.md:\n{printed}"
