@@ -1,12 +1,14 @@
 """dropblock_jax.models.ResNet: DropBlock where the authors put it, schedules without retracing."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from dropblock_jax.models import InferenceDropBlock, ResNet, stage_keep_prob
+from dropblock_jax.models import InferenceDropBlock, ResNet, resnet, stage_keep_prob
 from dropblock_jax.nnx import DropBlock, set_keep_prob
 
 
@@ -29,7 +31,14 @@ def layers_of(model, kind):
 def test_dropblock_sits_after_the_batch_norms_of_the_last_two_stages_and_on_their_shortcuts():
     model = small()
     names = sorted((path[1], path[-1]) for path in layers_of(model, DropBlock))
-    assert names == [(1, "drop1"), (1, "drop2"), (1, "proj_drop"), (2, "drop1"), (2, "drop2"), (2, "proj_drop")]
+    assert names == [
+        (1, "drop1"),
+        (1, "drop2"),
+        (1, "shortcut_drop"),
+        (2, "drop1"),
+        (2, "drop2"),
+        (2, "shortcut_drop"),
+    ]
     keep = {path[1]: float(layer.keep_prob[...]) for path, layer in layers_of(model, DropBlock).items()}
     assert keep == {1: pytest.approx(0.95), 2: pytest.approx(0.8)}
 
@@ -192,3 +201,224 @@ def test_the_model_can_be_built_under_jit_and_eval_shape():
     assert isinstance(abstract, ResNet)
     model = nnx.jit(build)()
     assert [float(k) for k in model.keep_probs()] == pytest.approx([0.975, 0.9])
+
+
+# ----------------------------------------------------------------------------------------
+# resnet(): the authors' ImageNet networks.
+
+# Parameter counts of torchvision's ResNets (torchvision.models.resnetXX().parameters()),
+# which have the same layers and batch norms as the authors' TPU ResNet.
+# (101: 44,549,160 and 152: 60,192,808 too; not built here, for time.)
+TORCHVISION_PARAMETERS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032}
+
+
+def abstract_resnet(depth, **kwargs):
+    return nnx.eval_shape(lambda: resnet(depth, rngs=nnx.Rngs(params=0, dropout=1), **kwargs))
+
+
+def parameter_count(model):
+    return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("depth", sorted(TORCHVISION_PARAMETERS))
+def test_resnet_has_torchvisions_parameter_count(depth):
+    assert parameter_count(abstract_resnet(depth)) == TORCHVISION_PARAMETERS[depth]
+
+
+def resnet50_parameters_by_hand(num_classes=1000, width=64):
+    """ResNet-50 counted layer by layer: convolutions without bias, batch norms with scale and bias."""
+    count = 7 * 7 * 3 * width + 2 * width  # stem convolution and batch norm
+    features = width
+    for group, blocks in enumerate((3, 4, 6, 3)):
+        inner = width * 2**group
+        for block in range(blocks):
+            count += features * inner + 2 * inner  # 1x1
+            count += 9 * inner * inner + 2 * inner  # 3x3
+            count += inner * 4 * inner + 2 * 4 * inner  # 1x1 expansion
+            if block == 0:
+                count += features * 4 * inner + 2 * 4 * inner  # projection shortcut
+            features = 4 * inner
+    return count + features * num_classes + num_classes
+
+
+def test_resnet50_parameters_are_the_layers_counted_by_hand_at_any_width_and_class_count():
+    assert resnet50_parameters_by_hand() == 25_557_032
+    model = abstract_resnet(50, num_classes=10, base_width=8)
+    assert parameter_count(model) == resnet50_parameters_by_hand(10, 8)
+
+
+def dropblocks_by_group(model):
+    groups = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, DropBlock):
+            groups.setdefault(path[1], []).append(path[2:])
+    return groups
+
+
+def test_resnet50_has_dropblock_at_the_authors_36_places_with_the_group_keep_probs():
+    model = resnet(50, 10, base_width=4, keep_prob=1.0, rngs=nnx.Rngs(params=0, dropout=1))
+    groups = dropblocks_by_group(model)
+    # Groups 3 and 4 (stages 2 and 3): every block's three branch norms and its shortcut.
+    assert sorted(groups) == [2, 3]
+    places = ("drop1", "drop2", "drop3", "shortcut_drop")
+    assert sorted(groups[2]) == sorted((b, p) for b in range(6) for p in places)
+    assert sorted(groups[3]) == sorted((b, p) for b in range(3) for p in places)
+    assert model.set_stage_keep_probs(0.9) == 36
+    keeps = {path[1]: float(node.keep_prob[...]) for path, node in nnx.iter_graph(model) if isinstance(node, DropBlock)}
+    assert keeps == {2: pytest.approx(1 - 0.1 / 4), 3: pytest.approx(0.9)}
+    assert [float(k) for k in model.keep_probs()] == pytest.approx([0.975, 0.9])
+
+
+def test_projection_only_shortcuts_leave_the_29_places_of_the_earlier_placement():
+    model = abstract_resnet(50, regularized_shortcuts="projection")
+    groups = dropblocks_by_group(model)
+    assert sum(len(places) for places in groups.values()) == 29
+    assert [b for b, p in groups[2] + groups[3] if p == "shortcut_drop"] == [0, 0]
+    with pytest.raises(ValueError, match=r"regularized_shortcuts must be one of \('all', 'projection'\), got 'some'"):
+        abstract_resnet(50, regularized_shortcuts="some")
+
+
+def test_the_other_regularizers_take_the_36_places_and_none_takes_none():
+    for regularizer, kind in (("dropout", nnx.Dropout), ("spatial_dropout", nnx.Dropout)):
+        assert len(layers_of(abstract_resnet(50, regularizer=regularizer), kind)) == 36
+    baseline = abstract_resnet(50, regularizer="none")
+    assert not layers_of(baseline, DropBlock) and not layers_of(baseline, nnx.Dropout)
+    assert parameter_count(baseline) == 25_557_032
+
+
+def places_seen(model, images):
+    """(place, shape, dtype) at every regularizer place, in train mode, and the logits' type, traced only."""
+    seen = []
+
+    def record(y, place, stages_from_last):
+        seen.append((place, y.shape, y.dtype))
+        return y
+
+    graphdef, state = nnx.split(model)
+
+    def forward(state, images):
+        return nnx.merge(graphdef, state)(images, perturb=record)
+
+    logits = jax.eval_shape(forward, state, images)
+    return seen, logits
+
+
+def test_at_224_pixels_the_places_see_28x28_once_14x14_24_times_and_7x7_11_times_in_bfloat16():
+    model = abstract_resnet(50, dtype=jnp.bfloat16)
+    images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+    seen, logits = places_seen(model, images)
+    sizes = [shape[1:3] for _, shape, _ in seen]
+    assert len(seen) == 36
+    assert {size: sizes.count(size) for size in set(sizes)} == {(28, 28): 1, (14, 14): 24, (7, 7): 11}
+    # v1.5: the first block of group 3 drops its 1x1 output before the strided 3x3 convolution.
+    assert [place for place, shape, _ in seen if shape[1] == 28] == [(2, 0, 0)]
+    assert {dtype for _, _, dtype in seen} == {jnp.dtype(jnp.bfloat16)}
+    assert (logits.shape, logits.dtype) == ((2, 1000), jnp.float32)
+    # Parameters and batch statistics stay float32.
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param, nnx.BatchStat))}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+
+
+def test_float32_is_the_default_computation_and_the_input_dtype_decides_without_dtype():
+    seen, logits = places_seen(abstract_resnet(50, base_width=4), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    assert {dtype for _, _, dtype in seen} == {jnp.dtype(jnp.float32)} and logits.dtype == jnp.float32
+
+
+def test_the_stem_halves_twice_and_the_first_block_of_groups_2_to_4_halves_again():
+    seen, _ = places_seen(resnet(50, 10, base_width=4, regularizer="none", rngs=nnx.Rngs(0)), jnp.ones((1, 64, 64, 3)))
+    assert {place: shape[1] for place, shape, _ in seen if place[1] == 0} == {
+        (2, 0, 0): 8,
+        (2, 0, 1): 4,
+        (2, 0, 2): 4,
+        (2, 0, 3): 4,
+        (3, 0, 0): 4,
+        (3, 0, 1): 2,
+        (3, 0, 2): 2,
+        (3, 0, 3): 2,
+    }
+
+
+def test_the_last_batch_norm_of_every_block_starts_at_zero_scale_and_the_head_is_small():
+    model = resnet(50, 10, base_width=4, rngs=nnx.Rngs(params=0, dropout=1))
+    for stage in model.stages:
+        for block in stage:
+            np.testing.assert_array_equal(block.bn3.scale[...], 0.0)
+            np.testing.assert_array_equal(block.bn1.scale[...], 1.0)
+            assert (block.bn1.momentum, block.bn1.epsilon) == (0.9, 1e-5)
+    # N(0, 0.01): 320 weights, std within a few standard errors of 0.01.
+    assert float(jnp.std(model.head.kernel[...])) == pytest.approx(0.01, rel=0.25)
+
+
+def test_a_traced_schedule_traces_the_resnet50_step_once_and_eval_is_deterministic():
+    model = resnet(50, 10, base_width=4, keep_prob=1.0, dtype=jnp.bfloat16, rngs=nnx.Rngs(params=0, dropout=1))
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    traces = []
+
+    @nnx.jit
+    def forward(model, keep_prob):
+        traces.append(None)
+        model.set_stage_keep_probs(keep_prob)
+        return model(images)
+
+    train = [forward(model, keep) for keep in np.linspace(1.0, 0.9, 5, dtype=np.float32)]
+    assert len(traces) == 1
+    assert [float(k) for k in model.keep_probs()] == pytest.approx([0.975, 0.9])
+    assert not np.array_equal(train[-1], forward(model, np.float32(0.9)))  # new masks each call
+    model.eval()
+    first = forward(model, np.float32(0.5))
+    np.testing.assert_array_equal(first, forward(model, np.float32(0.5)))
+    assert first.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(depth=42), r"depth must be one of \(18, 34, 50, 101, 152, 200\), got 42"),
+        (dict(depth=50, base_width=0), "base_width must be a positive int, got 0"),
+        (dict(depth=50, regularizer="cutout"), "regularizer must be one of .* got 'cutout'"),
+        (dict(depth=50, keep_prob=-0.1), r"keep_prob must be in \[0, 1\], got -0.1"),
+    ],
+)
+def test_resnet_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        resnet(**kwargs, rngs=nnx.Rngs(0))
+
+
+def test_the_bfloat16_resnet50_train_step_exports_for_tpu_and_cuda_without_host_callbacks():
+    import optax
+
+    model = abstract_resnet(50, dtype=jnp.bfloat16)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
+
+    def train_step(params, rest, opt_state, images, labels, keep_prob):
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            model.set_stage_keep_probs(keep_prob)
+            logits = model(images)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, nnx.state(model, ...)
+
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), rest, opt_state, loss
+
+    opt_state = jax.eval_shape(tx.init, params)
+    args = (
+        params,
+        rest,
+        opt_state,
+        jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.bfloat16),
+        jax.ShapeDtypeStruct((8,), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.float32),
+    )
+    exported = jax.export.export(jax.jit(train_step), platforms=["tpu", "cuda"])(*args)
+    assert exported.platforms == ("tpu", "cuda")
+    text = exported.mlir_module()
+    assert "stablehlo.convolution" in text and "bf16" in text
+    # A host callback lowers to a custom call (or to send/recv on TPU); the step needs none.
+    custom_calls = set(re.findall(r"stablehlo\.custom_call @(\w+)", text))
+    assert custom_calls <= {"Sharding"}, custom_calls
+    assert "stablehlo.send" not in text and "stablehlo.recv" not in text
+    new_params = exported.out_avals[: len(jax.tree.leaves(params))]
+    assert {aval.dtype for aval in new_params} == {jnp.dtype(jnp.float32)}
