@@ -1,53 +1,63 @@
-"""Equinox DropBlock layer (optional extra: ``pip install dropblock-jax[equinox]``)."""
+"""Equinox DropBlock layer (optional dependency: ``pip install 'equinox>=0.13.1'``)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Hashable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 try:
     import equinox as eqx
 except ImportError as error:
     raise ImportError(
-        "dropblock_jax.equinox needs Equinox, which is not installed: pip install dropblock-jax[equinox]"
+        "dropblock_jax.equinox needs Equinox, which is not installed: pip install 'equinox>=0.13.1'"
     ) from error
 
 from dropblock_jax._functional import drop_block, layer_options
-from dropblock_jax._geometry import (
-    GAMMA_MODES,
-    NORMALIZE_MODES,
-    SEED_REGIONS,
-    _normalize_axes,
-    check_axis_name,
-    check_choice,
-    parse_block_size,
-)
-from dropblock_jax._rates import checked_probability, concrete_value
+from dropblock_jax._geometry import DEFAULT_SPATIAL_RANK, check_layer_arguments, is_int, parse_block_size
+from dropblock_jax._porting import rejects_ported_arguments
+from dropblock_jax._rates import concrete_value
 
 __all__ = ["DropBlock"]
 
-# The rank of the input is known only at the call. At construction the axes are checked
-# against an unbounded rank (type and repeats); their range is checked at the call.
-_UNKNOWN_RANK = sys.maxsize
 
-
-def _axes_tuple(name: str, axes: int | Sequence[int]) -> tuple[int, ...]:
-    _normalize_axes(name, axes, _UNKNOWN_RANK)
-    # _normalize_axes let through an int or a tuple or list of ints only.
+def _axes_tuple(axes: int | Sequence[int]) -> tuple[int, ...]:
+    """Axes already checked by check_layer_arguments (an int or a sequence of ints), as a tuple."""
     return tuple(int(a) for a in axes) if isinstance(axes, Sequence) else (int(axes),)
+
+
+def _stand_in_spatial_axes(block_size: int | Sequence[int]) -> tuple[int, ...]:
+    """Axes that stand for the default spatial axes (every axis after the first) at construction.
+
+    A tuple ``block_size`` fits a sample of one more dimension only, so its axes are
+    exact. An int fits any rank; the axes of a ``(C, H, W)`` sample stand in, so that
+    messages name what an image's call would. A positive axis among them fails at every
+    call (it is spatial, or out of range), so no argument that some input fits is refused.
+    """
+    count = len(block_size) if isinstance(block_size, (tuple, list)) else DEFAULT_SPATIAL_RANK
+    return tuple(range(1, 1 + count))
 
 
 class DropBlock(eqx.Module):
     """DropBlock as an Equinox layer, used like ``equinox.nn.Dropout``.
 
-    The layer only picks the flag and passes the key on; the work is
+    The layer only picks the flag, the axes and the key; the work is
     :func:`dropblock_jax.drop_block`, and for the same key the result is
-    ``drop_block``'s. ``inference=True`` (at construction, at the call, or through
-    ``eqx.nn.inference_mode``) returns ``x`` unchanged and needs no key; training
-    without a key is a ``RuntimeError``, as in ``eqx.nn.Dropout``.
+    ``drop_block``'s with the layer's spatial axes. ``inference=True`` (at construction,
+    at the call, or through ``eqx.nn.inference_mode``) returns ``x`` unchanged and needs
+    no key; training without a key is a ``RuntimeError``, as in ``eqx.nn.Dropout``.
+
+    Equinox models call their layers on one unbatched sample under ``jax.vmap``, laid
+    out as ``eqx.nn.Conv`` lays it out, channels first: ``(C, H, W)``, ``(C, T)``,
+    ``(C, D, H, W)``. So the default ``spatial_axes=None`` means every axis after the
+    first (``(1, 2)`` for ``(C, H, W)``, ``(1,)`` for ``(C, T)``), and an int
+    ``block_size`` is a cube over them. A channels-last sample ``(H, W, C)`` takes
+    ``spatial_axes=(0, 1)``. (``drop_block``'s own default is channels-last, Flax's
+    layout; the layer follows its framework instead.) Under ``vmap`` the ``"batch"``
+    normalization counts over the one sample it sees, unless ``axis_name`` names the
+    vmapped axis (``jax.vmap(..., axis_name="batch")``).
 
     ``keep_prob`` is a plain Python float, like ``eqx.nn.Dropout.p``: ``eqx.filter_jit``
     treats it as static and optimizers never see it, whatever the filter
@@ -60,21 +70,17 @@ class DropBlock(eqx.Module):
     it, as for any changed static field. Putting an array there instead makes it a leaf
     that optimizers update (weight decay would shrink it): pass schedules at the call.
 
-    The other options are static fields. Equinox models see one unbatched sample under
-    ``jax.vmap``: ``(H, W, C)`` inputs take the default ``spatial_axes``, ``(C, H, W)``
-    inputs ``spatial_axes=(1, 2)``. Under ``vmap`` the ``"batch"`` normalization counts
-    over the one sample it sees, unless ``axis_name`` names the vmapped axis
-    (``jax.vmap(..., axis_name="batch")``).
-
-    Arguments are keyword-only (``keep_prob`` is the probability of *keeping* a unit,
-    not ``Dropout``'s rate) and checked at construction with the checks of
-    ``drop_block``; those that depend on the input's rank (axes in range, no spatial
-    axis in ``broadcast_dims``) at the first call.
+    Arguments are keyword-only: ``keep_prob`` is the probability of *keeping* a unit,
+    so ``DropBlock(0.1)`` or ``DropBlock(rate=0.1)``, ported from a dropout layer, is
+    a ``TypeError`` that gives ``keep_prob = 1 - rate``. They are checked at
+    construction with the checks of ``drop_block``; those that depend on the input's
+    rank (axes in range, no spatial axis in ``broadcast_dims``) at the call.
 
     Args:
       keep_prob: probability of keeping a unit, a concrete number in [0, 1].
-      block_size: int or tuple of ints, one per spatial axis.
-      spatial_axes, broadcast_dims, seed_region, gamma, normalize, axis_name: as in
+      block_size: int (a cube over the spatial axes) or tuple of ints, one per spatial axis.
+      spatial_axes: the axes blocks extend over; None means every axis after the first.
+      broadcast_dims, seed_region, gamma, normalize, axis_name: as in
         :func:`dropblock_jax.drop_block`.
       inference: if True, the layer is the identity.
 
@@ -82,11 +88,12 @@ class DropBlock(eqx.Module):
       >>> import jax, jax.numpy as jnp
       >>> import equinox as eqx
       >>> from dropblock_jax.equinox import DropBlock
-      >>> layer = DropBlock(keep_prob=0.9, block_size=3, spatial_axes=(1, 2))
-      >>> x = jnp.ones((4, 8, 8))  # one (C, H, W) sample
-      >>> layer(x, key=jax.random.key(0)).shape
+      >>> conv = eqx.nn.Conv2d(3, 4, 3, padding=1, key=jax.random.key(0))
+      >>> layer = DropBlock(keep_prob=0.9, block_size=3)  # blocks over H and W of (C, H, W)
+      >>> x = conv(jnp.ones((3, 8, 8)))
+      >>> layer(x, key=jax.random.key(1)).shape
       (4, 8, 8)
-      >>> keys = jax.random.split(jax.random.key(1), 2)
+      >>> keys = jax.random.split(jax.random.key(2), 2)
       >>> jax.vmap(lambda x, k: layer(x, key=k, keep_prob=0.95))(jnp.ones((2, 4, 8, 8)), keys).shape
       (2, 4, 8, 8)
       >>> bool((eqx.nn.inference_mode(layer)(x) == x).all())
@@ -95,7 +102,8 @@ class DropBlock(eqx.Module):
 
     keep_prob: float
     inference: bool
-    block_size: tuple[int, ...] = eqx.field(static=True)
+    # An int while spatial_axes is None: a cube over however many axes follow the first.
+    block_size: int | tuple[int, ...] = eqx.field(static=True)
     spatial_axes: tuple[int, ...] | None = eqx.field(static=True)
     broadcast_dims: tuple[int, ...] = eqx.field(static=True)
     seed_region: str = eqx.field(static=True)
@@ -103,6 +111,7 @@ class DropBlock(eqx.Module):
     normalize: str = eqx.field(static=True)
     axis_name: Hashable | None = eqx.field(static=True)
 
+    @rejects_ported_arguments
     def __init__(
         self,
         *,
@@ -116,7 +125,19 @@ class DropBlock(eqx.Module):
         axis_name: Hashable | None = None,
         inference: bool = False,
     ) -> None:
-        checked_probability("keep_prob", keep_prob)
+        # The default axes depend on the input's rank; checked against axes they
+        # contain for every input, the arguments fail here exactly when they fail at
+        # every call, with drop_block's messages.
+        check_layer_arguments(
+            keep_prob=keep_prob,
+            block_size=block_size,
+            spatial_axes=_stand_in_spatial_axes(block_size) if spatial_axes is None else spatial_axes,
+            broadcast_dims=broadcast_dims,
+            seed_region=seed_region,
+            gamma=gamma,
+            normalize=normalize,
+            axis_name=axis_name,
+        )
         concrete = concrete_value(keep_prob)
         if concrete is None:
             raise TypeError(
@@ -124,18 +145,32 @@ class DropBlock(eqx.Module):
                 "pass a traced keep_prob (a schedule) at the call: layer(x, key=key, keep_prob=keep)."
             )
         self.keep_prob = concrete
-        self.spatial_axes = None if spatial_axes is None else _axes_tuple("spatial_axes", spatial_axes)
-        rank = None if self.spatial_axes is None else len(self.spatial_axes)
-        # Parsed once here; as a tuple it means the same to drop_block as the int did.
-        self.block_size = parse_block_size(block_size, rank)
-        self.broadcast_dims = _axes_tuple("broadcast_dims", broadcast_dims)
-        self.seed_region = check_choice("seed_region", seed_region, SEED_REGIONS)
-        self.gamma = check_choice("gamma", gamma, GAMMA_MODES)
-        self.normalize = check_choice("normalize", normalize, NORMALIZE_MODES)
-        self.axis_name = check_axis_name(axis_name)
+        if spatial_axes is None:
+            self.spatial_axes = None
+            self.block_size = int(block_size) if is_int(block_size) else _axes_tuple(block_size)
+        else:
+            self.spatial_axes = _axes_tuple(spatial_axes)
+            # Parsed once here; as a tuple it means the same to drop_block as the int did.
+            self.block_size = parse_block_size(block_size, len(self.spatial_axes))
+        self.broadcast_dims = _axes_tuple(broadcast_dims)
+        self.seed_region = seed_region
+        self.gamma = gamma
+        self.normalize = normalize
+        self.axis_name = axis_name
         if not isinstance(inference, bool):
             raise TypeError(f"inference must be a bool, got {inference!r}.")
         self.inference = inference
+
+    def _spatial_axes_of(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The axes blocks extend over in an input of ``shape``: the given ones, else every axis after the first."""
+        if self.spatial_axes is not None:
+            return self.spatial_axes
+        if len(shape) < 2:
+            raise ValueError(
+                "DropBlock's default spatial_axes are the axes after the first (channel) axis of one "
+                f"(C, *spatial) sample, but x has shape {tuple(shape)}; pass spatial_axes explicitly."
+            )
+        return tuple(range(1, len(shape)))
 
     def __call__(
         self,
@@ -148,7 +183,7 @@ class DropBlock(eqx.Module):
         """Applies DropBlock to ``x``.
 
         Args:
-          x: floating feature map, usually one unbatched sample.
+          x: floating feature map, usually one unbatched ``(C, *spatial)`` sample.
           key: a PRNG key; required unless in inference mode.
           inference: overrides the ``inference`` field for this call.
           keep_prob: overrides the ``keep_prob`` field for this call; may be traced
@@ -159,6 +194,7 @@ class DropBlock(eqx.Module):
 
         Raises:
           RuntimeError: in training mode without a key.
+          ValueError: if ``x`` does not fit the layer's axes or ``block_size``.
         """
         if self.inference if inference is None else inference:
             return x
@@ -170,4 +206,5 @@ class DropBlock(eqx.Module):
                 "or layer(x, inference=True)."
             )
         keep = self.keep_prob if keep_prob is None else keep_prob
-        return drop_block(key, x, keep, self.block_size, **layer_options(self))
+        options = {**layer_options(self), "spatial_axes": self._spatial_axes_of(jnp.shape(x))}
+        return drop_block(key, x, keep, self.block_size, **options)
