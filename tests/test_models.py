@@ -422,3 +422,16 @@ def test_the_bfloat16_resnet50_train_step_exports_for_tpu_and_cuda_without_host_
     assert "stablehlo.send" not in text and "stablehlo.recv" not in text
     new_params = exported.out_avals[: len(jax.tree.leaves(params))]
     assert {aval.dtype for aval in new_params} == {jnp.dtype(jnp.float32)}
+
+
+def test_inference_dropblock_perturbs_an_eval_resnet50_and_is_off_at_keep_1():
+    model = resnet(50, 10, base_width=4, regularizer="none", rngs=nnx.Rngs(0))
+    model.eval()
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+    @nnx.jit
+    def forward(model, keep_prob):
+        return model(images, perturb=InferenceDropBlock(jax.random.key(1), keep_prob, block_size=2))
+
+    np.testing.assert_allclose(forward(model, np.float32(1.0)), model(images), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(forward(model, np.float32(0.5)), model(images), rtol=1e-3)
