@@ -95,10 +95,19 @@ def bernoulli_seed_words(
     which axis the words are packed along does not matter, since all flags are i.i.d.
     """
     bits = position_bits(key, (*shape[:-1], shape[-1] * per_word))
-    # Compare 32-bit integers against gamma * 2**32: no float conversion per position.
+    return _pack_along_last_axis((bits < seed_threshold(gamma)) | (gamma >= 1.0), per_word)
+
+
+def seed_threshold(gamma: jax.Array) -> jax.Array:
+    """The uint32 that 32 random bits fall below with probability ``gamma`` (below 1), 0 for a NaN ``gamma``.
+
+    Comparing integers against ``gamma * 2**32`` needs no float conversion per position.
+    A NaN rate fires no seed: chosen here, since what a NaN converts to is up to the
+    platform.
+    """
     threshold = jnp.floor(gamma.astype(jnp.float32) * np.float32(2.0**32))
-    threshold = jnp.minimum(threshold, np.float32(2.0**32 - 256)).astype(jnp.uint32)
-    return _pack_along_last_axis((bits < threshold) | (gamma >= 1.0), per_word)
+    threshold = jnp.minimum(threshold, np.float32(2.0**32 - 256))
+    return jnp.where(gamma > 0.0, threshold, np.float32(0.0)).astype(jnp.uint32)
 
 
 def _pack_axis(layout: MaskLayout) -> int:

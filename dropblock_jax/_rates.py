@@ -80,12 +80,14 @@ def _calibrated_gamma(keep: jax.Array, geometry: SpatialGeometry) -> jax.Array:
         log_sum = jax.nn.logsumexp(log_terms)
         mean_cover = jnp.sum(jax.nn.softmax(log_terms) * values)
         v = v + (log_sum - log_total - log_keep) / mean_cover
-    gamma = -jnp.expm1(-v)
-    return jnp.where(keep <= 0.0, 1.0, gamma)
+    # Near keep = 1 the root v is below the round-off of log_sum - log_total, so the
+    # iterate can land on either side of 0: a negative v would be a negative gamma.
+    gamma = -jnp.expm1(-jnp.maximum(v, 0.0))
+    return jnp.where(keep <= 0.0, 1.0, jnp.where(keep >= 1.0, 0.0, gamma))
 
 
 def gamma_for(keep: jax.Array, geometry: SpatialGeometry, gamma: str) -> jax.Array:
-    """The seed rate for a checked ``keep`` (see :func:`seed_rate`); 0 for a NaN ``keep``."""
+    """The seed rate for a checked ``keep`` (see :func:`seed_rate`), in [0, 1]; NaN for a NaN ``keep``."""
     if gamma == "calibrated":
         rate = _calibrated_gamma(keep, geometry)
     else:
@@ -93,9 +95,9 @@ def gamma_for(keep: jax.Array, geometry: SpatialGeometry, gamma: str) -> jax.Arr
         # The paper's formula leaves some units kept at keep_prob = 0; the contract is that
         # keep_prob = 0 drops everything.
         rate = jnp.where(keep <= 0.0, 1.0, paper)
-    # A NaN (traced) keep_prob draws no seeds on every platform, rather than whatever a
-    # NaN threshold converts to; drop_block then makes its output NaN.
-    return jnp.where(jnp.isnan(keep), 0.0, rate)
+    # A NaN keep_prob (only a traced one gets this far) is no rate at all: it stays NaN, so
+    # that everything computed from it is NaN too (see seed_rate).
+    return jnp.where(jnp.isnan(keep), jnp.nan, rate)
 
 
 def seed_rate(
@@ -114,11 +116,19 @@ def seed_rate(
     clipped to the map, ``s`` the map size), clipped to [0, 1]. It ignores block
     overlaps, so the realized keep fraction lies above ``keep_prob``.
     ``"calibrated"`` solves for the gamma whose exact expected keep fraction (see
-    :func:`expected_keep_fraction`) equals ``keep_prob``. Either way ``keep_prob = 0``
-    gives ``gamma = 1``.
+    :func:`expected_keep_fraction`) equals ``keep_prob``. Either way the result lies in
+    [0, 1], ``keep_prob = 0`` gives ``gamma = 1`` and ``keep_prob = 1`` gives
+    ``gamma = 0`` exactly.
+
+    A NaN ``keep_prob`` is not a probability: a concrete one raises a ``ValueError``, and
+    a traced one (which cannot be refused at trace time) gives a NaN ``gamma``, for
+    either ``gamma`` mode and on every platform. A NaN rate fires no seed, so
+    :func:`block_mask` keeps every unit, and :func:`drop_block` scales by NaN, so its
+    whole output is NaN and a broken schedule shows in the loss at once.
 
     Args:
-      keep_prob: probability of keeping a unit, in [0, 1]; may be traced.
+      keep_prob: probability of keeping a unit, in [0, 1]; may be traced (a traced
+        value is clipped to [0, 1]; a traced NaN gives NaN).
       feature_shape: spatial sizes of the feature map, e.g. ``(H, W)``.
       block_size: int (a cube over ``len(feature_shape)`` axes) or tuple of ints.
       seed_region: ``"valid"`` or ``"everywhere"``.
@@ -134,6 +144,9 @@ def seed_rate(
       >>> g = db.seed_rate(0.9, (14, 14), 7, gamma="calibrated")
       >>> round(float(db.expected_keep_fraction(g, (14, 14), 7)), 6)
       0.9
+      >>> import jax, jax.numpy as jnp
+      >>> float(jax.jit(lambda p: db.seed_rate(p, (14, 14), 7))(jnp.nan))
+      nan
 
     References:
       Ghiasi, Lin, Le, "DropBlock: A regularization method for convolutional networks",
@@ -159,7 +172,8 @@ def expected_keep_fraction(
     counted exactly.
 
     Args:
-      gamma: seed rate in [0, 1]; may be traced.
+      gamma: seed rate in [0, 1]; may be traced (a traced NaN, the rate of a NaN
+        ``keep_prob``, gives NaN).
       feature_shape: spatial sizes of the feature map.
       block_size: int (a cube over ``len(feature_shape)`` axes) or tuple of ints.
       seed_region: ``"valid"`` or ``"everywhere"``.
