@@ -53,12 +53,31 @@ def _layout(
     return mask_layout(shape, block_size, spatial_axes, broadcast_dims, seed_region)
 
 
+# The dtypes x may have. The 8-, 6- and 4-bit floats are not among them: they are storage
+# formats for matrix-multiply operands with their scales kept elsewhere, JAX promotes
+# none of them, float8_e8m0fnu has no zero (a dropped unit could not be 0), several have
+# no inf, and 2 or 3 mantissa bits cannot hold the rescaled units.
+FLOATING_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
+
+
 # Any, not ArrayLike: objects with ``__jax_array__`` are accepted and pass through as they are.
 def _check_floating(x: Any) -> jax.Array:
-    if not isinstance(x, (jax.Array, jnp.ndarray)) and not hasattr(x, "__jax_array__"):
+    # The dtype is read before any conversion: XLA cannot even hold some narrow floats
+    # (float6), so converting a NumPy array of them first would fail inside XLA.
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
         x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x must be a floating array (float16, bfloat16, float32, float64), got dtype {x.dtype}.")
+        dtype = x.dtype
+    if jnp.dtype(dtype) not in FLOATING_DTYPES:
+        allowed = ", ".join(d.name for d in FLOATING_DTYPES)
+        hint = (
+            "; cast 8-, 6- and 4-bit floats to bfloat16 or float16 before DropBlock"
+            if jnp.issubdtype(dtype, jnp.floating)
+            else ""
+        )
+        raise TypeError(f"x must be a floating array ({allowed}), got dtype {dtype}{hint}.")
+    if not isinstance(x, jax.Array) and not hasattr(x, "__jax_array__"):
+        x = jnp.asarray(x)
     return x
 
 
@@ -105,8 +124,9 @@ def _drop_block(
     normalize: str,
     axis_name: Hashable | None,
 ) -> jax.Array:
-    # A NaN keep_prob (only a traced one gets here) makes the whole output NaN, so that a
-    # broken schedule shows in the loss instead of silently dropping nothing.
+    # A NaN keep_prob (only a traced one gets here) has a NaN seed rate, which fires no
+    # seed, and a NaN scale: the whole output is NaN, so that a broken schedule shows in
+    # the loss instead of silently dropping nothing.
     checkify.debug_check(~jnp.isnan(keep), "drop_block got keep_prob=NaN; the output is all NaN.")
     mask, seed_gamma = _mask_and_gamma(key, keep, layout, gamma)
     compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
@@ -159,14 +179,17 @@ def drop_block(
 
     Args:
       key: a PRNG key (``jax.random.key`` of any impl, or legacy ``jax.random.PRNGKey``).
-      x: floating array; channels-last by default (``(N, H, W, C)``, ``(N, T, C)``, ...).
+      x: float16, bfloat16, float32 or float64 array; channels-last by default
+        (``(N, H, W, C)``, ``(N, T, C)``, ...). 8-, 6- and 4-bit floats are refused:
+        cast them to bfloat16 or float16 first.
         An array with a zero-size axis is returned as it is (its arguments are
         still checked).
       keep_prob: probability of keeping a unit, in [0, 1]; may be traced (a traced
         value is clipped to [0, 1]). 1 returns ``x`` unchanged; 0 drops everything.
-        A traced NaN makes the whole output NaN, so that a broken schedule shows in
-        the loss; under ``jax.experimental.checkify.checkify`` it is reported as an
-        error (a concrete NaN is a ``ValueError``).
+        A concrete NaN is a ``ValueError``; a traced NaN has a NaN seed rate (see
+        :func:`seed_rate`): no seed is drawn and the scale is NaN, so the whole output
+        is NaN, in every mode, and a broken schedule shows in the loss. Under
+        ``jax.experimental.checkify.checkify`` it is reported as an error.
       block_size: int (square block over 2 spatial axes, or over every axis of
         ``spatial_axes``) or tuple of ints, one per spatial axis; clipped to the map.
       spatial_axes: axes the blocks extend over. Default: the ``len(block_size)``
@@ -188,8 +211,8 @@ def drop_block(
       An array of ``x``'s shape and dtype.
 
     Raises:
-      TypeError: for a key that is not a PRNG key, a non-floating ``x``, or arguments
-        of the wrong type.
+      TypeError: for a key that is not a PRNG key, an ``x`` of another dtype than
+        float16, bfloat16, float32 or float64, or arguments of the wrong type.
       ValueError: for out-of-range or inconsistent arguments.
 
     Examples:
@@ -239,7 +262,11 @@ def block_mask(
       key: a PRNG key (``jax.random.key`` of any impl, or legacy ``jax.random.PRNGKey``).
       shape: shape of the feature map the mask is for (Python or NumPy ints); a
         zero-size axis gives an empty mask.
-      keep_prob, block_size, spatial_axes, broadcast_dims, seed_region, gamma: as in
+      keep_prob: probability of keeping a unit, in [0, 1]; may be traced (a traced
+        value is clipped to [0, 1]). A traced NaN has a NaN seed rate (see
+        :func:`seed_rate`), which fires no seed: every unit is kept, and
+        :func:`drop_block`, whose scale is then NaN, returns NaN everywhere.
+      block_size, spatial_axes, broadcast_dims, seed_region, gamma: as in
         :func:`drop_block`.
 
     Returns:

@@ -31,6 +31,54 @@ def test_non_floating_x(dtype):
         db.drop_block(KEY, jnp.ones((2, 10, 10, 3), dtype), 0.9, 3)
 
 
+# Every float narrower than 16 bits this JAX names: storage formats that DropBlock refuses by name.
+NARROW_FLOATS = [
+    jnp.dtype(getattr(jnp, name))
+    for name in dir(jnp)
+    if name.startswith(("float8_", "float6_", "float4_")) and jnp.issubdtype(getattr(jnp, name), jnp.floating)
+]
+
+
+def _jax_holds(dtype):
+    try:
+        jnp.zeros(1, dtype)
+    except jax.errors.JaxRuntimeError:  # XLA has no arrays of some (float6)
+        return False
+    return True
+
+
+NARROW_JAX_FLOATS = [dtype for dtype in NARROW_FLOATS if _jax_holds(dtype)]
+
+
+def _narrow_float_message(dtype):
+    return (
+        rf"x must be a floating array \(float16, bfloat16, float32, float64\), got dtype {dtype.name}; "
+        r"cast 8-, 6- and 4-bit floats to bfloat16 or float16"
+    )
+
+
+@pytest.mark.parametrize("dtype", NARROW_FLOATS, ids=lambda dtype: dtype.name)
+def test_numpy_floats_narrower_than_16_bits_are_refused_by_name(dtype):
+    x = np.ones((2, 10, 10, 3), dtype)
+    for keep_prob in [0.9, 1.0]:  # keep_prob 1 would return x untouched
+        with pytest.raises(TypeError, match=_narrow_float_message(dtype)):
+            db.drop_block(KEY, x, keep_prob, 3)
+
+
+@pytest.mark.parametrize("dtype", NARROW_JAX_FLOATS, ids=lambda dtype: dtype.name)
+def test_jax_floats_narrower_than_16_bits_are_refused_by_name(dtype):
+    x = jnp.ones((2, 10, 10, 3), dtype)
+    with pytest.raises(TypeError, match=_narrow_float_message(dtype)):
+        db.drop_block(KEY, x, 0.9, 3)
+    with pytest.raises(TypeError, match=_narrow_float_message(dtype)):
+        jax.jit(lambda x, p: db.drop_block(KEY, x, p, 3))(x, 0.9)
+
+
+def test_the_narrow_floats_include_the_float8_formats():
+    names = {dtype.name for dtype in NARROW_JAX_FLOATS}
+    assert {"float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu"} <= names, names
+
+
 @pytest.mark.parametrize("keep_prob", [1.5, -0.1, float("nan"), jnp.float32(2.0)])
 def test_keep_prob_out_of_range(keep_prob):
     with pytest.raises(ValueError, match=r"keep_prob must be in \[0, 1\], got"):

@@ -2,12 +2,14 @@
 
 import itertools
 
+import _reference
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import dropblock_jax as db
+from dropblock_jax import _mask
 
 MODES = list(itertools.product(["valid", "everywhere"], ["paper", "calibrated"], ["batch", "expected", "none"]))
 SHAPE = (4, 14, 14, 6)
@@ -38,6 +40,29 @@ def test_keep_prob_one_is_identity_and_zero_drops_everything(seed_region, gamma,
         assert np.isfinite(grad).all() and not grad.any()
 
 
+# Maps where the calibrated solve at keep_prob 1 works at its round-off and, unguarded, lands below 0.
+ROUNDING_MAPS = [((7, 7), 3), ((7, 7), 5), ((14, 14), 2), ((28, 28), 3), ((6, 7, 8), (2, 3, 3))]
+
+
+@pytest.mark.parametrize("seed_region", ["valid", "everywhere"])
+@pytest.mark.parametrize("sizes,block", ROUNDING_MAPS)
+def test_traced_keep_prob_one_returns_x_bit_for_bit_on_maps_where_the_solve_rounds(sizes, block, seed_region):
+    x = _x((2, *sizes, 3)).at[0, 0, 0].set(-0.0).at[1, -1, -1].set(jnp.nan)
+    expected = np.asarray(x).view(np.uint32)
+
+    @jax.jit
+    def every_mode(keep_prob):
+        return [
+            db.drop_block(
+                jax.random.key(0), x, keep_prob, block, seed_region=seed_region, gamma=gamma, normalize=normalize
+            )
+            for gamma, normalize in itertools.product(["paper", "calibrated"], ["batch", "expected", "none"])
+        ]
+
+    for y in every_mode(1.0):
+        np.testing.assert_array_equal(np.asarray(y).view(np.uint32), expected)
+
+
 def test_drop_block_is_x_times_block_mask_times_scale():
     x = _x()
     key = jax.random.key(1)
@@ -63,6 +88,22 @@ def test_normalize_expected_with_calibrated_gamma_scales_by_one_over_keep_prob()
         y = np.asarray(db.drop_block(jax.random.key(0), ones, keep, 5, gamma="calibrated", normalize="expected"))
         kept = y[y != 0]
         np.testing.assert_allclose(kept, 1.0 / keep, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed_region", ["valid", "everywhere"])
+@pytest.mark.parametrize("sizes,block,keep", [((16, 16), 5, 0.9), ((14, 14), 7, 0.75), ((9, 13), (3, 5), 0.8)])
+def test_normalize_expected_with_the_paper_gamma_scales_by_one_over_the_expected_keep_fraction(
+    sizes, block, keep, seed_region
+):
+    # The paper's gamma keeps more than keep_prob (blocks overlap), so 1 / keep_prob would be wrong.
+    gamma = _reference.paper_gamma(keep, sizes, block, seed_region)
+    expected_scale = 1.0 / _reference.expected_keep_fraction(gamma, sizes, block, seed_region)
+    assert abs(expected_scale * keep - 1.0) > 1e-3
+    ones = jnp.ones((4, *sizes, 8))
+    y = np.asarray(db.drop_block(jax.random.key(0), ones, keep, block, seed_region=seed_region, normalize="expected"))
+    kept = y[y != 0]
+    assert 0 < kept.size < y.size
+    np.testing.assert_allclose(kept, expected_scale, rtol=4 * 2.0**-24)
 
 
 def test_normalize_none_leaves_kept_values_alone():
@@ -155,19 +196,33 @@ def test_vmap_over_keep_prob_matches_separate_calls():
 def test_gradient_is_mask_times_scale():
     x = _x()
     key = jax.random.key(2)
-    for normalize in ["batch", "expected", "none"]:
-        grad = jax.grad(lambda x, normalize=normalize: jnp.sum(db.drop_block(key, x, 0.8, 3, normalize=normalize)))(x)
-        y = db.drop_block(key, jnp.ones_like(x), 0.8, 3, normalize=normalize)
-        np.testing.assert_allclose(grad, y, rtol=1e-6)
+    mask = np.asarray(db.block_mask(key, x.shape, 0.8, 3))
+    gamma = _reference.paper_gamma(0.8, SHAPE[1:3], 3)
+    scales = {
+        "batch": mask.size / mask.sum(),
+        "expected": 1.0 / _reference.expected_keep_fraction(gamma, SHAPE[1:3], 3),
+        "none": 1.0,
+    }
+    weights = np.asarray(_x(dtype=jnp.float32) ** 2)  # a loss that weighs every unit differently
+    for normalize, scale in scales.items():
+
+        def loss(x, normalize=normalize):
+            return jnp.sum(weights * db.drop_block(key, x, 0.8, 3, normalize=normalize))
+
+        grad = jax.jit(jax.grad(loss))(x)
+        np.testing.assert_allclose(grad, weights * mask * scale, rtol=4 * 2.0**-24, atol=0)
 
 
 def test_vmap_with_axis_name_normalizes_over_the_mapped_axis():
     ones = jnp.ones((4, 12, 12, 3))
     keys = jax.random.split(jax.random.key(0), 4)
     y = jax.vmap(lambda k, xi: db.drop_block(k, xi, 0.7, 3, axis_name="batch"), axis_name="batch")(keys, ones)
-    np.testing.assert_allclose(np.sum(np.asarray(y, np.float64)), ones.size, rtol=1e-6)
-    per_sample = [float(s) for s in y.sum(axis=(1, 2, 3))]
-    assert len(set(per_sample)) > 1  # one scale for all: per-sample sums differ
+    masks = np.stack([np.asarray(db.block_mask(k, ones.shape[1:], 0.7, 3)) for k in keys])
+    global_scale = masks.size / masks.sum()
+    per_sample_scales = masks[0].size / masks.sum(axis=(1, 2, 3))
+    # Each sample's own count would give another scale, by far more than round-off.
+    assert np.abs(per_sample_scales / global_scale - 1).max() > 1e-2
+    np.testing.assert_allclose(np.asarray(y), masks * global_scale, rtol=2.0**-24, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(0, 8, 8, 4), (2, 8, 8, 0), (2, 0, 8, 4), (0, 0, 0, 0)])
@@ -205,17 +260,36 @@ def test_numpy_integers_are_sizes_in_shape_as_in_block_size():
     np.testing.assert_array_equal(mask, db.block_mask(key, (2, 8, 8, 4), 0.7, 3))
 
 
-def test_a_traced_nan_keep_prob_makes_the_output_nan_not_silently_unchanged():
+@pytest.mark.parametrize("gamma", ["paper", "calibrated"])
+def test_a_traced_nan_keep_prob_makes_the_output_nan_not_silently_unchanged(gamma):
     x = _x()
-    for normalize in ["batch", "expected", "none"]:
-        y = jax.jit(lambda p, normalize=normalize: db.drop_block(jax.random.key(0), x, p, 3, normalize=normalize))(
-            jnp.nan
-        )
-        assert jnp.isnan(y).all(), normalize
-    # block_mask draws no seeds for it: nothing is dropped.
-    assert jax.jit(lambda p: db.block_mask(jax.random.key(0), SHAPE, p, 3))(jnp.nan).all()
+    key = jax.random.key(0)
+
+    @jax.jit
+    def every_mode(keep_prob):
+        outputs = [
+            db.drop_block(key, x, keep_prob, 3, seed_region=seed_region, gamma=gamma, normalize=normalize)
+            for seed_region, normalize in itertools.product(["valid", "everywhere"], ["batch", "expected", "none"])
+        ]
+        # A NaN rate fires no seed: the mask keeps every unit.
+        masks = [
+            db.block_mask(key, SHAPE, keep_prob, 3, seed_region=region, gamma=gamma)
+            for region in ["valid", "everywhere"]
+        ]
+        return outputs, masks
+
+    outputs, masks = every_mode(jnp.nan)
+    assert all(np.isnan(y).all() for y in outputs)
+    assert all(np.asarray(m).all() for m in masks)
     with pytest.raises(ValueError, match=r"keep_prob must be in \[0, 1\], got nan"):
-        db.drop_block(jax.random.key(0), x, float("nan"), 3)
+        db.drop_block(key, x, float("nan"), 3, gamma=gamma)
+
+
+def test_a_nan_seed_rate_fires_no_seed():
+    # Not left to how the platform converts a NaN threshold to an integer.
+    assert int(jax.jit(_mask.seed_threshold)(jnp.float32(jnp.nan))) == 0
+    words = jax.jit(lambda g: _mask.bernoulli_seed_words(jax.random.key(0), (4, 64), g))(jnp.float32(jnp.nan))
+    assert not np.asarray(words).any()
 
 
 def test_checkify_reports_a_nan_keep_prob():
