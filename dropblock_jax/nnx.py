@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +11,14 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from dropblock_jax._functional import drop_block, layer_options
+from dropblock_jax._geometry import check_layer_arguments
 from dropblock_jax._mask import check_key
+from dropblock_jax._porting import rejects_ported_arguments
 from dropblock_jax._rates import checked_probability
 
 __all__ = ["DropBlock", "set_keep_prob"]
+
+_T = TypeVar("_T")
 
 
 class DropBlock(nnx.Module):
@@ -29,7 +34,11 @@ class DropBlock(nnx.Module):
 
     Arguments are keyword-only: ``keep_prob`` is the probability of *keeping* a unit,
     where ``nnx.Dropout``'s first argument is the rate of dropping one, so a port of
-    ``nnx.Dropout(0.1, rngs=rngs)`` must spell out ``DropBlock(keep_prob=0.9, rngs=rngs)``.
+    ``nnx.Dropout(0.1, rngs=rngs)`` must spell out ``DropBlock(keep_prob=0.9, rngs=rngs)``;
+    a positional argument or a drop rate (``rate=``, ``drop_prob=``, ``p=``,
+    ``drop_rate=``) is a TypeError that says so. Every argument is checked here, with
+    :func:`dropblock_jax.drop_block`'s messages, except what depends on the input's
+    rank (an axis out of range), which is checked at the call.
 
     Args:
       keep_prob: probability of keeping a unit.
@@ -53,6 +62,7 @@ class DropBlock(nnx.Module):
       True
     """
 
+    @rejects_ported_arguments
     def __init__(
         self,
         *,
@@ -68,11 +78,20 @@ class DropBlock(nnx.Module):
         rng_collection: str = "dropout",
         rngs: nnx.Rngs | nnx.RngStream | None = None,
     ) -> None:
-        checked_probability("keep_prob", keep_prob)
+        check_layer_arguments(
+            keep_prob=keep_prob,
+            block_size=block_size,
+            spatial_axes=spatial_axes,
+            broadcast_dims=broadcast_dims,
+            seed_region=seed_region,
+            gamma=gamma,
+            normalize=normalize,
+            axis_name=axis_name,
+        )
         self.keep_prob = nnx.Variable(jnp.asarray(keep_prob, jnp.float32))
-        self.block_size = block_size
-        self.spatial_axes = spatial_axes
-        self.broadcast_dims = tuple(broadcast_dims)
+        self.block_size = _frozen(block_size)
+        self.spatial_axes = _frozen(spatial_axes)
+        self.broadcast_dims = _frozen(broadcast_dims)
         self.seed_region = seed_region
         self.gamma = gamma
         self.normalize = normalize
@@ -145,6 +164,11 @@ class DropBlock(nnx.Module):
             self.deterministic = deterministic
 
 
+def _frozen(value: _T) -> _T:
+    """``value`` with a list made a tuple, so that changing the caller's list later leaves the layer alone."""
+    return tuple(value) if isinstance(value, list) else value  # type: ignore[return-value]
+
+
 def set_keep_prob(module_tree: object, value: ArrayLike) -> int:
     """Sets ``keep_prob`` of every :class:`DropBlock` inside ``module_tree`` to ``value``.
 
@@ -152,7 +176,9 @@ def set_keep_prob(module_tree: object, value: ArrayLike) -> int:
     (e.g. :meth:`dropblock_jax.models.ResNet.set_stage_keep_probs`) sets them itself.
     The value is stored in each layer's ``keep_prob`` variable, so an ``nnx.jit``
     function that takes the model sees new data, not a new structure, and does not
-    retrace.
+    retrace. The variable keeps its dtype, shape and sharding, also on a mesh (Explicit
+    or Auto, inside ``jax.set_mesh`` or not), and a stack of layers made with
+    ``nnx.vmap`` gets the value in every layer.
 
     Args:
       module_tree: an NNX module (or any node ``nnx.iter_graph`` walks).
@@ -182,5 +208,10 @@ def set_keep_prob(module_tree: object, value: ArrayLike) -> int:
             "given; pass the model that holds the layers (an nnx.Optimizer does not hold the model)."
         )
     for layer in layers:
-        layer.keep_prob[...] = value.astype(layer.keep_prob[...].dtype)
+        stored = layer.keep_prob[...]
+        # An array like the stored one (its dtype, shape and sharding, the sharding type when
+        # traced), so that no single-device array meets a mesh's, which an Explicit mesh
+        # refuses outside jax.set_mesh; written into the stored array, so that under jit an
+        # Auto mesh keeps its layout too and the next call compiles nothing new.
+        layer.keep_prob[...] = stored.at[...].set(jax.lax.full_like(stored, value))
     return len(layers)

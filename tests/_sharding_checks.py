@@ -7,6 +7,7 @@ the last line of stdout: ``{check_name: {...measurements...} or {"error": traceb
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -17,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dropblock_jax import DropBlock, block_mask, drop_block
+from dropblock_jax import nnx as db_nnx
 
 DEVICES = 4
 AXIS = "data"
@@ -301,6 +304,94 @@ def check_data_parallel_training_step() -> dict:
     }
 
 
+class _NNXNet(nnx.Module):
+    """A convolution, a DropBlock and a stack of one DropBlock a device (keep_prob of shape (DEVICES,))."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.drop = db_nnx.DropBlock(keep_prob=0.9, block_size=3, rngs=rngs)
+        self.stack = nnx.vmap(lambda r: db_nnx.DropBlock(keep_prob=0.9, block_size=3, rngs=r))(
+            nnx.Rngs(dropout=1).split(DEVICES)
+        )
+
+    def __call__(self, x):
+        return self.drop(self.conv(x))
+
+
+def _keep_probs(model: _NNXNet) -> list:
+    return [model.drop.keep_prob[...], model.stack.keep_prob[...]]
+
+
+def _placed_net(mesh, placement: str) -> _NNXNet:
+    """A fresh model whose state is put on ``mesh``: all replicated, or the stack's layers
+    sharded over the devices."""
+    model = _NNXNet(nnx.Rngs(0))
+    state = nnx.state(model)
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+    if placement == "sharded":
+        replicated["stack"] = jax.tree.map(lambda _: NamedSharding(mesh, P(AXIS)), state["stack"])
+    nnx.update(model, jax.device_put(state, replicated))
+    return model
+
+
+def _set_keep_prob_case(mesh, placement: str, in_mesh_context: bool) -> dict:
+    x = jax.device_put(jax.random.normal(jax.random.key(3), (2, 8, 8, 3)), NamedSharding(mesh, P()))
+    models = {"set": _placed_net(mesh, placement), "baseline": _placed_net(mesh, placement)}
+    model = models["set"]
+    shardings = [kp.sharding for kp in _keep_probs(model)]
+    traces = []
+
+    @nnx.jit
+    def step(model, x, value):
+        traces.append(None)
+        db_nnx.set_keep_prob(model, value)
+        return model(x)
+
+    # The same step without set_keep_prob: what nnx.jit compiles for the model on its own.
+    baseline = nnx.jit(lambda model, x, value: model(x))
+
+    def values_are(value):
+        return all(bool((np.asarray(kp) == np.float32(value)).all()) for kp in _keep_probs(model))
+
+    def shardings_kept():
+        return all(before.is_equivalent_to(kp.sharding, kp.ndim) for before, kp in zip(shardings, _keep_probs(model)))
+
+    with jax.set_mesh(mesh) if in_mesh_context else contextlib.nullcontext():
+        count = db_nnx.set_keep_prob(model, 0.8)
+        eager = {"values": values_are(0.8), "shardings_kept": shardings_kept()}
+        dropped = []
+        for value in (0.7, 0.6, 0.5):
+            dropped.append(float(np.mean(np.asarray(step(model, x, jnp.float32(value))) == 0)))
+            baseline(models["baseline"], x, jnp.float32(value))
+        jitted = {"values": values_are(0.5), "shardings_kept": shardings_kept()}
+    return {
+        "count": count,
+        "stack_sharded": not shardings[1].is_fully_replicated,
+        "eager": eager,
+        "jitted": jitted,
+        "traces": len(traces),
+        "compiles": step.jitted_fn._cache_size(),
+        "baseline_compiles": baseline.jitted_fn._cache_size(),
+        "dropped_fractions": dropped,
+    }
+
+
+def check_nnx_set_keep_prob_on_meshes() -> dict:
+    """set_keep_prob eagerly and inside nnx.jit, on a model whose state lies on an Explicit
+    (jax.make_mesh's default) or Auto mesh, replicated or sharded, in or out of jax.set_mesh."""
+    results = {}
+    for axis_type in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):
+        mesh = jax.make_mesh((DEVICES,), (AXIS,), axis_types=(axis_type,))
+        for placement in ("replicated", "sharded"):
+            for in_mesh_context in (False, True):
+                name = f"{axis_type.name}/{placement}/{'set_mesh' if in_mesh_context else 'no_mesh_context'}"
+                try:
+                    results[name] = _set_keep_prob_case(mesh, placement, in_mesh_context)
+                except Exception:  # each case reports its own failure.
+                    results[name] = {"error": traceback.format_exc()}
+    return results
+
+
 CHECKS = [
     check_hlo_parser_control,
     check_sharded_equals_one_device,
@@ -308,6 +399,7 @@ CHECKS = [
     check_shard_map_batch_normalization,
     check_per_device_keys,
     check_data_parallel_training_step,
+    check_nnx_set_keep_prob_on_meshes,
 ]
 
 

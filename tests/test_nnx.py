@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_linen import BAD_LAYER_ARGUMENTS, drop_block_error
 
 from dropblock_jax import drop_block
 from dropblock_jax.nnx import DropBlock, set_keep_prob
@@ -117,10 +118,51 @@ def test_call_time_rngs_accept_every_key_drop_block_accepts():
     np.testing.assert_array_equal(layer(X, rngs=rbg), drop_block(rbg, X, 0.6, 3))
 
 
-def test_constructor_arguments_are_keyword_only():
+@pytest.mark.parametrize(
+    "args, kwargs, received",
+    [
+        ((0.1,), {}, "the positional argument 0.1"),
+        ((0.1, 7), {}, "the positional arguments 0.1, 7"),
+        ((), {"rate": 0.1}, "rate=0.1"),
+        ((), {"drop_prob": 0.1}, "drop_prob=0.1"),
+        ((), {"p": 0.1}, "p=0.1"),
+        ((), {"drop_rate": 0.1}, "drop_rate=0.1"),
+    ],
+)
+def test_a_ported_drop_rate_gets_the_keep_prob_conversion(args, kwargs, received):
     # DropBlock(0.1) would keep 10% where nnx.Dropout(0.1) drops 10%.
-    with pytest.raises(TypeError, match="positional"):
-        DropBlock(0.1, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError) as info:
+        DropBlock(*args, **kwargs, rngs=nnx.Rngs(0))
+    message = str(info.value)
+    assert message.startswith(f"DropBlock got {received}, but it takes keep_prob"), message
+    assert "by keyword" in message and "keep_prob = 1 - r" in message, message
+
+
+@pytest.mark.parametrize("arguments", BAD_LAYER_ARGUMENTS, ids=str)
+def test_bad_arguments_fail_at_construction_with_drop_blocks_message(arguments):
+    error, message = drop_block_error(arguments)
+    with pytest.raises(error) as info:
+        DropBlock(**{"keep_prob": 0.9, "block_size": 3, **arguments}, rngs=nnx.Rngs(0))
+    assert str(info.value) == message
+
+
+def test_what_depends_on_the_input_is_checked_at_the_call():
+    # Axis 1 is spatial in an (N, H, W, C) input but not in an (N, T, H, W, C) one.
+    layer = DropBlock(keep_prob=0.6, block_size=3, broadcast_dims=(1,), rngs=nnx.Rngs(dropout=0))
+    error, message = drop_block_error({"broadcast_dims": (1,)})
+    with pytest.raises(error) as info:
+        layer(X)
+    assert str(info.value) == message
+    volume = jnp.stack([X, X], axis=1)
+    np.testing.assert_array_equal(layer(volume), drop_block(_stream_keys(0, 2)[1], volume, 0.6, 3, broadcast_dims=(1,)))
+
+
+def test_axes_given_as_an_int_or_a_list_reach_drop_block():
+    axes = [1, 2]
+    layer = DropBlock(keep_prob=0.6, block_size=[3, 3], spatial_axes=axes, broadcast_dims=-1, rngs=nnx.Rngs(dropout=0))
+    axes.append(3)  # the layer holds its own copy
+    expected = drop_block(_stream_keys(0, 1)[0], X, 0.6, (3, 3), spatial_axes=(1, 2), broadcast_dims=(-1,))
+    np.testing.assert_array_equal(nnx.jit(lambda layer, x: layer(x))(layer, X), expected)
 
 
 def test_set_keep_prob_counts_the_layers_and_refuses_a_tree_without_any():

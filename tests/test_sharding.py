@@ -134,3 +134,19 @@ def test_data_parallel_training_step_matches_one_device(results):
     assert abs(result["loss_one"] - result["loss_sharded"]) <= 1e-6 * abs(result["loss_one"])
     assert result["param_max_abs_diff"] <= 1e-6
     assert result["param_min_step"] > 1e-3
+
+
+def test_nnx_set_keep_prob_on_explicit_and_auto_meshes_keeps_each_sharding_and_compiles_nothing_new(results):
+    cases = _check(results, "check_nnx_set_keep_prob_on_meshes")
+    assert len(cases) == 8
+    for name, case in cases.items():
+        assert "error" not in case, (name, case.get("error"))
+        # The plain layer and the stack made with nnx.vmap.
+        assert case["count"] == 2, name
+        assert case["stack_sharded"] == ("/sharded/" in name), name
+        assert case["eager"] == {"values": True, "shardings_kept": True}, name
+        assert case["jitted"] == {"values": True, "shardings_kept": True}, name
+        assert case["traces"] == 1, name
+        assert case["compiles"] == case["baseline_compiles"], name
+        # Each value reached the layer: keep_prob 0.7, 0.6, 0.5 on 8x8 maps drop some units, not all.
+        assert all(0.05 < fraction < 0.9 for fraction in case["dropped_fractions"]), name
