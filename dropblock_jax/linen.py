@@ -11,6 +11,8 @@ from flax import linen as nn
 from jax.typing import ArrayLike
 
 from dropblock_jax._functional import drop_block, layer_options
+from dropblock_jax._geometry import check_layer_arguments
+from dropblock_jax._porting import rejects_ported_arguments
 
 __all__ = ["DropBlock"]
 
@@ -28,7 +30,12 @@ class DropBlock(nn.Module, kw_only=True):
 
     All attributes are keyword-only: ``keep_prob`` is the probability of *keeping* a
     unit, where ``nn.Dropout``'s first argument is the rate of dropping one, so a port of
-    ``nn.Dropout(0.1)`` must spell out ``DropBlock(keep_prob=0.9)``.
+    ``nn.Dropout(0.1)`` must spell out ``DropBlock(keep_prob=0.9)``; a positional
+    argument or a drop rate (``rate=``, ``drop_prob=``, ``p=``, ``drop_rate=``) is a
+    TypeError that says so. The attributes are checked when the module is constructed,
+    with :func:`dropblock_jax.drop_block`'s messages, so that a bad configuration fails
+    before any call, even in an eval-only run; what depends on the input's rank (an
+    axis out of range) is checked at the call.
 
     Attributes:
       keep_prob: probability of keeping a unit; a ``keep_prob`` given at call time
@@ -62,6 +69,16 @@ class DropBlock(nn.Module, kw_only=True):
     deterministic: bool | None = None
     rng_collection: str = "dropout"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Gives every subclass, Flax's lifted ones (``nn.remat(DropBlock)``) included, the constructor's checks."""
+        super().__init_subclass__(**kwargs)
+        cls.__init__ = _checked_init(cls.__init__)  # type: ignore[method-assign]
+
+    def __post_init__(self) -> None:
+        """Checks the attributes when the module is constructed (and cloned)."""
+        check_layer_arguments(keep_prob=self.keep_prob, block_size=self.block_size, **layer_options(self))
+        super().__post_init__()
+
     @nn.compact
     def __call__(
         self,
@@ -90,8 +107,13 @@ class DropBlock(nn.Module, kw_only=True):
         return drop_block(rng, inputs, keep, self.block_size, **layer_options(self))
 
 
-def _explain_misuse(init: Callable[..., None]) -> Callable[..., None]:
-    """Wraps the dataclass ``__init__`` so that the two likely slips get an error saying what to write."""
+def _checked_init(init: Callable[..., None]) -> Callable[..., None]:
+    """Wraps a dataclass ``__init__`` so that the likely slips of a port get errors saying what to write.
+
+    A positional or dropout-style argument gets the keep_prob conversion, an NNX-style
+    ``rngs`` the name of the NNX layer. Keyword calls, as ``clone()`` and Flax's
+    transforms make them, pass through.
+    """
 
     @functools.wraps(init)
     def checked_init(self: DropBlock, *args: Any, **kwargs: Any) -> None:
@@ -101,15 +123,10 @@ def _explain_misuse(init: Callable[..., None]) -> Callable[..., None]:
                 "apply(..., rngs={'dropout': key}). The Flax NNX layer, which takes rngs, is "
                 "dropblock_jax.nnx.DropBlock (from dropblock_jax.nnx import DropBlock)."
             )
-        if args:
-            raise TypeError(
-                f"DropBlock takes keyword arguments only, got positional arguments {args!r}: write "
-                "DropBlock(keep_prob=0.9, block_size=7). keep_prob is the probability of keeping a unit, "
-                "where nn.Dropout's first argument is the rate of dropping one."
-            )
-        init(self, **kwargs)
+        init(self, *args, **kwargs)
 
-    return checked_init
+    return rejects_ported_arguments(checked_init)
 
 
-DropBlock.__init__ = _explain_misuse(DropBlock.__init__)  # type: ignore[method-assign]
+# Flax makes the dataclass __init__ when the class is created, so it is wrapped after.
+DropBlock.__init__ = _checked_init(DropBlock.__init__)  # type: ignore[method-assign]

@@ -1,5 +1,8 @@
 """Tests of the Linen layer ``dropblock_jax.DropBlock``, modelled on Flax's dropout tests."""
 
+import copy
+import pickle
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,40 @@ import dropblock_jax
 from dropblock_jax import DropBlock, drop_block
 
 X = jax.random.normal(jax.random.key(42), (2, 8, 8, 3))
+
+# Layer arguments that are wrong for every input, each layer's DropBlock(keep_prob=0.9,
+# block_size=3, **arguments) must refuse at construction as drop_block refuses at the call.
+BAD_LAYER_ARGUMENTS = [
+    {"keep_prob": 1.5},
+    {"keep_prob": -0.1},
+    {"keep_prob": float("nan")},
+    {"keep_prob": "0.9"},
+    {"keep_prob": np.full(2, 0.9)},
+    {"block_size": 0},
+    {"block_size": (3, 0)},
+    {"block_size": 2.5},
+    {"block_size": (3, 3), "spatial_axes": (1,)},
+    {"block_size": (3,), "spatial_axes": (1, 2)},
+    {"spatial_axes": ()},
+    {"spatial_axes": (1, 1)},
+    {"spatial_axes": (1.0, 2)},
+    {"broadcast_dims": ("c",)},
+    {"broadcast_dims": (0, 0)},
+    {"spatial_axes": (1, 2), "broadcast_dims": (2,)},
+    {"seed_region": "same"},
+    {"gamma": "exact"},
+    {"normalize": "mean"},
+    {"axis_name": 0},
+]
+
+
+def drop_block_error(arguments):
+    """The exception type and message of drop_block on ``X`` with keep_prob 0.9, block 3 and ``arguments``."""
+    try:
+        drop_block(jax.random.key(0), X, **{"keep_prob": 0.9, "block_size": 3, **arguments})
+    except (TypeError, ValueError) as error:
+        return type(error), str(error)
+    raise AssertionError(f"drop_block accepted {arguments}")
 
 
 class _MakeRng(nn.Module):
@@ -33,11 +70,75 @@ def test_exported_from_package_and_module():
     assert dropblock_jax.DropBlock is dropblock_jax.linen.DropBlock
 
 
-def test_attributes_are_keyword_only_and_a_positional_one_says_why():
+class _Subclass(DropBlock):
+    extra: int = 0
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, received",
+    [
+        ((0.1,), {}, "the positional argument 0.1"),
+        ((0.1, 7), {}, "the positional arguments 0.1, 7"),
+        ((), {"rate": 0.1}, "rate=0.1"),
+        ((), {"drop_prob": 0.1}, "drop_prob=0.1"),
+        ((), {"p": 0.1}, "p=0.1"),
+        ((), {"drop_rate": 0.1}, "drop_rate=0.1"),
+    ],
+)
+@pytest.mark.parametrize("layer", [DropBlock, nn.remat(DropBlock), _Subclass], ids=["DropBlock", "remat", "subclass"])
+def test_a_ported_drop_rate_gets_the_keep_prob_conversion(layer, args, kwargs, received):
     # DropBlock(0.1) would keep 10% where nn.Dropout(0.1) drops 10%.
-    with pytest.raises(TypeError, match=r"keyword arguments only, got positional arguments \(0.1,\)") as info:
-        DropBlock(0.1)
-    assert "keep_prob is the probability of keeping a unit" in str(info.value)
+    with pytest.raises(TypeError) as info:
+        layer(*args, **kwargs)
+    message = str(info.value)
+    assert message.startswith(f"{layer.__name__} got {received}, but it takes keep_prob"), message
+    assert "by keyword" in message and "keep_prob = 1 - r" in message, message
+
+
+@pytest.mark.parametrize("arguments", BAD_LAYER_ARGUMENTS, ids=str)
+def test_bad_attributes_fail_at_construction_with_drop_blocks_message(arguments):
+    error, message = drop_block_error(arguments)
+    for make in (DropBlock, nn.remat(DropBlock), DropBlock(keep_prob=0.9, block_size=3).clone):
+        with pytest.raises(error) as info:
+            make(**{"keep_prob": 0.9, "block_size": 3, **arguments})
+        assert str(info.value) == message
+
+
+def test_what_depends_on_the_input_is_checked_at_the_call():
+    # Axis 1 is spatial in an (N, H, W, C) input but not in an (N, T, H, W, C) one.
+    layer = DropBlock(keep_prob=0.6, block_size=3, broadcast_dims=(1,), deterministic=False)
+    error, message = drop_block_error({"broadcast_dims": (1,)})
+    key = jax.random.key(4)
+    with pytest.raises(error) as info:
+        layer.apply({}, X, rng=key)
+    assert str(info.value) == message
+    volume = jnp.stack([X, X], axis=1)
+    np.testing.assert_array_equal(
+        layer.apply({}, volume, rng=key), drop_block(key, volume, 0.6, 3, broadcast_dims=(1,))
+    )
+
+
+def test_a_traced_keep_prob_attribute_passes_the_construction_check():
+    key = jax.random.key(3)
+
+    @jax.jit
+    def apply(keep_prob):
+        return DropBlock(keep_prob=keep_prob, block_size=3, deterministic=False).apply({}, X, rng=key)
+
+    np.testing.assert_array_equal(apply(0.7), drop_block(key, X, 0.7, 3))
+
+
+def test_the_checked_layer_still_pickles_copies_and_clones():
+    layer = DropBlock(keep_prob=0.7, block_size=(3, 2), broadcast_dims=(-1,), deterministic=False)
+    key = jax.random.key(6)
+    expected = drop_block(key, X, 0.7, (3, 2), broadcast_dims=(-1,))
+    for copied in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer), layer.clone()):
+        assert copied == layer
+        np.testing.assert_array_equal(copied.apply({}, X, rng=key), expected)
+    np.testing.assert_array_equal(
+        layer.clone(keep_prob=0.5).apply({}, X, rng=key), drop_block(key, X, 0.5, (3, 2), broadcast_dims=(-1,))
+    )
+    assert _Subclass(keep_prob=0.7, extra=2).extra == 2
 
 
 def test_an_nnx_style_rngs_argument_points_to_the_nnx_layer():
