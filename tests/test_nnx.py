@@ -288,6 +288,8 @@ def test_scheduled_training_with_nnx_optimizer(tx, inside_the_step):
         assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
         # The optimizer must leave the scheduled value alone.
         assert float(model.drop.keep_prob[...]) == float(schedule(step))
+    # Steps 0..4 with transition_steps=4: the last step trains at the target.
+    assert float(model.drop.keep_prob[...]) == np.float32(0.8)
     assert len(traces) == 1
 
 
