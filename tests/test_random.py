@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import xxhash
+from test_stable_masks import _sliced_without_materializing
 
 from dropblock_jax import _random
 
@@ -28,8 +29,17 @@ def _key_words(key):
     return tuple(int(word) for word in _random.key_words(key))
 
 
+# jax.random.key(n) for n < 2**32 has a first word of 0, which would hide a hash that drops
+# the first word, or seeds with 0 where it should seed with that word.
+KEY_WITH_TWO_WORDS = jax.random.wrap_key_data(jnp.array([0xDEADBEEF, 7], jnp.uint32))
+
+
+def test_the_test_key_has_two_nonzero_words():
+    assert _key_words(KEY_WITH_TWO_WORDS) == (0xDEADBEEF, 7)
+
+
 def test_position_bits_hash_the_flat_index_then_the_key_words():
-    key = jax.random.key(4)
+    key = KEY_WITH_TWO_WORDS
     shape = (3, 5, 7)
     bits = np.asarray(_random.position_bits(key, shape))
     first, second = _key_words(key)
@@ -40,7 +50,7 @@ def test_position_bits_hash_the_flat_index_then_the_key_words():
 def test_position_bits_past_2_to_the_32_elements_give_each_row_its_key_word(monkeypatch):
     # A small column limit forces the row/column split that arrays past 2**32 use.
     monkeypatch.setattr(_random, "_MAX_COLUMN", 64)
-    key = jax.random.key(3)
+    key = KEY_WITH_TWO_WORDS
     shape = (3, 5, 4, 8)
     bits = np.asarray(_random.position_bits(key, shape))
     first, second = _key_words(key)
@@ -96,6 +106,30 @@ def test_no_key_gives_a_shifted_copy_of_another_keys_bits():
         for b in range(len(bits)):
             shifts = _shifts_with_equal_words(bits[a], bits[b])
             assert shifts == ([0] if a == b else []), (a, b, shifts)
+
+
+@pytest.mark.parametrize(
+    "shape,leading,index",
+    [
+        # Rows are the batch axis; columns the 2**20 positions of a sample.
+        ((4097, 1024, 1024), 1, np.s_[4096, 1023, -8:]),
+        # Rows are the two leading axes; columns run past 2**31.
+        ((2, 3, 2**31 + 5), 2, np.s_[1, 2, 2**31 - 3 : 2**31 + 5]),
+    ],
+)
+def test_position_bits_past_2_to_the_32_elements_are_xxh32_of_column_and_row_hash(shape, leading, index):
+    # The real split, not a patched limit: a slice of the program computes only its elements.
+    bits = _sliced_without_materializing(lambda k: _random.position_bits(k, shape)[index], KEY_WITH_TWO_WORDS)
+    first, second = _key_words(KEY_WITH_TWO_WORDS)
+    *fixed, last = index
+    expected = []
+    for position in range(*last.indices(shape[-1])):
+        multi_index = (*fixed, position)
+        row = int(np.ravel_multi_index(multi_index[:leading], shape[:leading]))
+        column = int(np.ravel_multi_index(multi_index[leading:], shape[leading:]))
+        # The row's own key word is XXH32 of (row, key word 1) seeded with key word 0.
+        expected.append(_reference([column, first, _reference([row, second], first)], 0))
+    np.testing.assert_array_equal(bits, np.asarray(expected, np.uint32))
 
 
 def test_shapes_past_2_to_the_32_elements_trace():

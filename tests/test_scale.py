@@ -1,7 +1,10 @@
 """Arrays past 2**31 units: every mode traces, counts stay exact."""
 
 import itertools
+import math
+import re
 
+import _reference
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,13 +16,15 @@ from dropblock_jax import _functional, _mask
 # ResNet-50's first group at a global batch of 4096: 3.3e9 units.
 BIG = jax.ShapeDtypeStruct((4096, 56, 56, 256), jnp.bfloat16)
 LAYOUTS = {"per-channel": (), "shared": (-1,), "batch-shared": (0,)}
+# A key whose first word is not 0, as jax.random.key(n)'s is for n < 2**32.
+KEY = jax.random.wrap_key_data(jnp.array([0xDEADBEEF, 7], jnp.uint32))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("seed_region", ["valid", "everywhere"])
 def test_every_mode_traces_past_2_to_the_31_units(layout, seed_region):
     assert BIG.size > 2**31
-    key = jax.random.key(0)
+    key = KEY
     for normalize, gamma in itertools.product(["batch", "expected", "none"], ["paper", "calibrated"]):
         out = jax.eval_shape(
             lambda k, x, kp, gamma=gamma, normalize=normalize: db.drop_block(
@@ -36,9 +41,16 @@ def test_every_mode_traces_past_2_to_the_31_units(layout, seed_region):
     assert (mask.shape, mask.dtype) == (BIG.shape, jnp.bool_)
 
 
-def test_batch_normalization_lowers_past_2_to_the_31_units():
-    lowered = jax.jit(lambda k, x, kp: db.drop_block(k, x, kp, 7)).lower(jax.random.key(0), BIG, jnp.float32(0.9))
-    assert "stablehlo" in lowered.as_text()
+def test_batch_normalization_past_2_to_the_31_units_counts_in_int32_parts_without_a_full_size_mask():
+    lowered = jax.jit(lambda k, x, kp: db.drop_block(k, x, kp, 7)).lower(KEY, BIG, jnp.float32(0.9))
+    # int32 sums are exact below 2**31 entries: 3.3e9 units need two parts, one full reduction each.
+    parts = re.findall(
+        r"applies stablehlo\.add across dimensions = \[0, 1, 2, 3\] : \(tensor<[0-9x]+xi32>", lowered.as_text()
+    )
+    assert len(parts) == math.ceil(BIG.size / (2**31 - 1)) == 2
+    # The flags stay packed 32 to a word: the temporaries are a fraction of one byte a unit.
+    temp_bytes = lowered.compile().memory_analysis().temp_size_in_bytes
+    assert temp_bytes < BIG.size / 2, f"{temp_bytes} bytes of temporaries for {BIG.size} units"
 
 
 def _count(packed):
@@ -70,9 +82,10 @@ def test_parts_are_disjoint_and_cover_the_array():
 def test_count_in_parts_equals_a_direct_count(monkeypatch):
     monkeypatch.setattr(_mask, "_MAX_PART_ENTRIES", 32 * 40)
     shape = (6, 9, 9, 13)
-    mask = db.block_mask(jax.random.key(1), shape, 0.6, 3)
+    mask = db.block_mask(KEY, shape, 0.6, 3)
     layout = _functional._layout(shape, 3, None, (), "valid", "paper")
-    packed = _mask.packed_block_mask(jax.random.key(1), layout, db.seed_rate(0.6, (9, 9), 3))
+    packed = _mask.packed_block_mask(KEY, layout, jnp.float32(_reference.paper_gamma(0.6, (9, 9), 3)))
+    assert 0 < int(mask.sum()) < mask.size
     assert _count(packed) == int(mask.sum())
 
 

@@ -34,6 +34,8 @@ POLICY = (
 # JAX seeds its key implementations.
 KEYS = {
     "threefry": lambda: jax.random.key(2018),
+    # jax.random.key(n) has a first word of 0 for n < 2**32; this key's words are both nonzero.
+    "threefry two words": lambda: jax.random.wrap_key_data(np.array([0xDEADBEEF, 7], np.uint32)),
     "legacy": lambda: jax.random.PRNGKey(1810),
     "rbg": lambda: jax.random.wrap_key_data(np.array([7, 1810, 12890, 2018], np.uint32), impl="rbg"),
     "unsafe_rbg": lambda: jax.random.wrap_key_data(np.array([3, 5, 8, 13], np.uint32), impl="unsafe_rbg"),
@@ -61,6 +63,7 @@ MASK_CASES = {
     "seed_region everywhere": ("threefry", (2, 12, 12, 8), 0.8, 3, {"seed_region": "everywhere"}),
     "gamma calibrated": ("threefry", (2, 12, 12, 8), 0.8, 3, {"gamma": "calibrated"}),
     "legacy PRNGKey": ("legacy", (2, 12, 12, 8), 0.8, 3, {}),
+    "threefry key with two nonzero words": ("threefry two words", (2, 12, 12, 8), 0.8, 3, {}),
     "rbg key": ("rbg", (2, 12, 12, 8), 0.8, 3, {}),
     "unsafe_rbg key": ("unsafe_rbg", (2, 12, 12, 8), 0.8, 3, {}),
     **{f"{impl} key": (impl, (2, 12, 12, 8), 0.8, 3, {}) for impl in NEWER_KEYS},
@@ -81,6 +84,7 @@ PINNED_MASKS = {
     "seed_region everywhere": (1886, "432992dd23a8d6ae20b8a5e5bc26aab0a39dd40f05ef79b2ac25b5e4a8396344"),
     "gamma calibrated": (1776, "93220f7339ab87d657096e596dfcc8d66313a649daa304932b218dca330fe20e"),
     "legacy PRNGKey": (1898, "14b8266d246c24e75923e31aba85d1057381963c0e812c76b9c5fa30e03bd3ca"),
+    "threefry key with two nonzero words": (1883, "b0bc5419741950ce3dd0595983ed696b95dd36b2a30e1b51c21861c99d9d1256"),
     "rbg key": (1882, "2676f4665e96f48df312a88545605cca6401ef16e3f0801c337037dc331439cf"),
     "unsafe_rbg key": (1927, "993baae7633f07eb94637b1bf856616bfe521361bc981c68f6f1499f9ec504cd"),
     "philox2x32 key": (1955, "5808f76f0d28a7adb657be04f21475f9f31064a067fa9ab6ecdba4f384784ef0"),
@@ -95,23 +99,35 @@ PINNED_OUTPUT = "4e8b415280575996c6b1e9c654fec3a641d7ef2623a8219cf88bf6acebb78cf
 
 # Per-channel 56x56 maps of 512 channels at a global batch of 4096: 6.6e9 units, and 5.1e9 seed
 # flags on its valid seed grid, more than 2**32, so positions are hashed as a row and a
-# column. Pinned: the seed words of the last two rows of the grid of the last sample.
+# column. Pinned: the seed words of the last two rows of the grid of the last sample, for a
+# key whose first word is 0 and for one whose first word seeds each row's hash.
 HUGE_SHAPE = (4096, 56, 56, 512)
 HUGE_KEEP_PROB = 0.9
 HUGE_BLOCK = 7
-PINNED_HUGE_SEEDS = (124, "682169d54347ed8f8a53852a13120785e86411d93b84c4cfebc6080841a6e10d")
+PINNED_HUGE_SEEDS = {
+    "threefry": (124, "682169d54347ed8f8a53852a13120785e86411d93b84c4cfebc6080841a6e10d"),
+    "threefry two words": (120, "fee95c612cce5b1d2f087d0dd5f2ecb1316486d9e990cf470395e3885e9fc675"),
+}
 
-# position_bits at global positions past 2**32: shape -> (index of a slice, pinned bits).
-# The first splits rows from columns after the batch axis; the second after two axes,
+# position_bits at global positions past 2**32: (key, shape) -> (index of a slice, pinned bits).
+# The first shape splits rows from columns after the batch axis; the second after two axes,
 # with columns past 2**31.
 POSITION_SLICES = {
-    (4097, 1024, 1024): (
+    ("threefry", (4097, 1024, 1024)): (
         np.s_[4096, 1023, -8:],
         (3939170524, 1807255294, 3035093112, 3065713728, 3223365366, 2251903906, 1578088645, 3325407326),
     ),
-    (2, 3, 2**31 + 5): (
+    ("threefry", (2, 3, 2**31 + 5)): (
         np.s_[1, 2, 2**31 - 3 : 2**31 + 5],
         (2692538526, 742596033, 2034107042, 233982898, 1611836721, 1596567491, 2168814597, 2997131407),
+    ),
+    ("threefry two words", (4097, 1024, 1024)): (
+        np.s_[4096, 1023, -8:],
+        (1793646128, 2614173344, 2393350077, 3102043967, 2073408733, 1844048109, 2081046011, 1485681305),
+    ),
+    ("threefry two words", (2, 3, 2**31 + 5)): (
+        np.s_[1, 2, 2**31 - 3 : 2**31 + 5],
+        (4114993470, 1252806982, 2205543316, 1950969086, 3709409780, 674070816, 854682577, 2731694005),
     ),
 }
 
@@ -166,21 +182,21 @@ def _huge_seed_draw(monkeypatch):
     return draw
 
 
-def _huge_seeds(monkeypatch):
+def _huge_seeds(monkeypatch, key):
     shape, per_word = _huge_seed_draw(monkeypatch)
     assert np.prod(shape, dtype=np.int64) * per_word > 2**32
     gamma = db.seed_rate(HUGE_KEEP_PROB, HUGE_SHAPE[1:3], HUGE_BLOCK)
     words = _sliced_without_materializing(
-        lambda k, g: _mask.bernoulli_seed_words(k, shape, g, per_word)[-1, -2:], KEYS["threefry"](), gamma
+        lambda k, g: _mask.bernoulli_seed_words(k, shape, g, per_word)[-1, -2:], KEYS[key](), gamma
     )
     seeds = int(np.bitwise_count(words).sum())
     return seeds, hashlib.sha256(words.astype("<u4").tobytes()).hexdigest()
 
 
-def _position_bits(shape):
-    index, _ = POSITION_SLICES[shape]
+def _position_bits(key, shape):
+    index, _ = POSITION_SLICES[key, shape]
     assert np.prod(shape, dtype=np.int64) > 2**32
-    bits = _sliced_without_materializing(lambda k: _random.position_bits(k, shape)[index], KEYS["threefry"]())
+    bits = _sliced_without_materializing(lambda k: _random.position_bits(k, shape)[index], KEYS[key]())
     return tuple(int(b) for b in bits)
 
 
@@ -201,21 +217,21 @@ def test_drop_block_output_bits_are_pinned():
     assert digest == PINNED_OUTPUT, f"{POLICY}\ndrop_block output digest {digest}; pinned: {PINNED_OUTPUT}."
 
 
-def test_seeds_of_a_mask_past_2_to_the_32_flags_are_pinned(monkeypatch):
-    seeds, digest = _huge_seeds(monkeypatch)
-    assert PINNED_HUGE_SEEDS[0] > 0, "the pinned slice must hold seeds"
-    assert (seeds, digest) == PINNED_HUGE_SEEDS, (
-        f"{POLICY}\nSeeds of {HUGE_SHAPE}: {seeds} seeds, digest {digest}; pinned: {PINNED_HUGE_SEEDS}."
+@pytest.mark.parametrize("key", list(PINNED_HUGE_SEEDS))
+def test_seeds_of_a_mask_past_2_to_the_32_flags_are_pinned(monkeypatch, key):
+    seeds, digest = _huge_seeds(monkeypatch, key)
+    pinned = PINNED_HUGE_SEEDS[key]
+    assert pinned[0] > 0, "the pinned slice must hold seeds"
+    assert (seeds, digest) == pinned, (
+        f"{POLICY}\nSeeds of {HUGE_SHAPE} for the {key} key: {seeds} seeds, digest {digest}; pinned: {pinned}."
     )
 
 
-@pytest.mark.parametrize("shape", list(POSITION_SLICES))
-def test_position_bits_past_2_to_the_32_are_pinned(shape):
-    bits = _position_bits(shape)
-    _, pinned = POSITION_SLICES[shape]
-    assert bits == pinned, (
-        f"{POLICY}\nposition_bits of {shape} at {POSITION_SLICES[shape][0]}: {bits}; pinned: {pinned}."
-    )
+@pytest.mark.parametrize("key,shape", list(POSITION_SLICES), ids=lambda value: str(value).replace(" ", ""))
+def test_position_bits_past_2_to_the_32_are_pinned(key, shape):
+    bits = _position_bits(key, shape)
+    index, pinned = POSITION_SLICES[key, shape]
+    assert bits == pinned, f"{POLICY}\nposition_bits of {shape} for the {key} key at {index}: {bits}; pinned: {pinned}."
 
 
 if __name__ == "__main__":
@@ -227,6 +243,6 @@ if __name__ == "__main__":
     print("}")
     print(f"PINNED_OUTPUT = {_output()!r}")
     patch = pytest.MonkeyPatch()
-    print(f"PINNED_HUGE_SEEDS = {_huge_seeds(patch)}")
-    for position_shape in POSITION_SLICES:
-        print(position_shape, _position_bits(position_shape))
+    print(f"PINNED_HUGE_SEEDS = { ({huge_key: _huge_seeds(patch, huge_key) for huge_key in PINNED_HUGE_SEEDS}) }")
+    for position_key, position_shape in POSITION_SLICES:
+        print(position_key, position_shape, _position_bits(position_key, position_shape))
