@@ -1,5 +1,10 @@
-"""Every ```python block of README.md and of docs/*.md runs, in order, one namespace a file."""
+"""Every ```python block of README.md and of docs/*.md runs, in order, one namespace a file.
 
+A ```python block followed directly by a ```text block prints exactly that text.
+"""
+
+import contextlib
+import io
 import pathlib
 import re
 
@@ -7,16 +12,30 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# A python block, and the text block right after it (its printed output) when there is one.
+BLOCK = re.compile(r"```python\n(.*?)```(?:\s*?\n```text\n(.*?)```)?", flags=re.DOTALL)
+
+
+def blocks(document):
+    return [(code, shown) for code, shown in BLOCK.findall(document.read_text())]
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
 def test_python_blocks_run(document):
-    blocks = re.findall(r"```python\n(.*?)```", document.read_text(), flags=re.DOTALL)
     namespace = {"__name__": document.stem}
-    for number, block in enumerate(blocks, 1):
-        exec(compile(block, f"{document.name} python block {number}", "exec"), namespace)
+    for number, (code, shown) in enumerate(blocks(document), 1):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, f"{document.name} python block {number}", "exec"), namespace)
+        if shown:
+            assert printed.getvalue() == shown, f"{document.name} python block {number} printed:\n{printed.getvalue()}"
 
 
 def test_every_document_but_the_demo_report_has_examples():
     with_examples = {p.name for p in DOCUMENTS if "```python" in p.read_text()}
-    assert with_examples >= {"README.md", "arguments.md", "layers.md", "recipe.md"}, with_examples
+    assert with_examples >= {"README.md", "arguments.md", "index.md", "layers.md", "recipe.md"}, with_examples
+
+
+def test_the_landing_page_shows_what_its_example_prints():
+    ((_, shown),) = blocks(ROOT / "docs" / "index.md")
+    assert shown.strip(), "docs/index.md: the example's output, in a ```text block after it"
