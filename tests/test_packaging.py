@@ -1,7 +1,13 @@
-"""The sdist and the wheel build, hold what they should, and the wheel runs on its own."""
+"""The sdist and the wheel build, hold what they should, and the wheel runs on its own.
 
+Every ``pip install`` line in the repository works today: the package is not on a package
+index, so none installs it from one by name, and extras are quoted (zsh expands ``[...]``).
+"""
+
+import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tarfile
@@ -16,6 +22,32 @@ from packaging.version import Version
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PACKAGE = "dropblock_jax"
+DISTRIBUTION = "dropblock-jax"
+# The command after ``pip install``, up to the end of its line, code span or string.
+INSTALL_COMMAND = re.compile(r"\bpip3? install\b([^\n`]*)")
+# A shell word: quoted parts and unquoted characters (a lone quote, which closes the string
+# the command is written in, is no part of it).
+WORD = re.compile(r"""(?:'[^']*'|"[^"]*"|[^\s'"])+""")
+QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+# Options of pip install that take a value, and those whose value is a requirements file.
+OPTIONS_WITH_VALUE = {
+    "-c",
+    "--constraint",
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-f",
+    "--find-links",
+    "-t",
+    "--target",
+    "--python",
+    "--prefix",
+    "--root",
+    "--src",
+    "--platform",
+}
+REQUIREMENT_FILE_OPTIONS = {"-r", "--requirement"}
+SCANNED_SUFFIXES = {".md", ".py", ".ipynb", ".txt", ".rst", ".toml", ".cfg", ".yml", ".yaml", ".sh"}
 
 
 def _run(*command, timeout=300, **kwargs):
@@ -110,4 +142,127 @@ def test_the_wheel_installs_and_runs_with_only_the_runtime_dependencies(dist, tm
     )
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     result = _run(python, "-c", check, cwd=tmp_path, env=clean)
-    assert "pip install dropblock-jax[equinox]" in result.stdout
+    # The ImportError names a way to get Equinox that works (see the install line check below).
+    assert "needs Equinox" in result.stdout and INSTALL_COMMAND.search(result.stdout), result.stdout
+    assert not install_line_problems(result.stdout), result.stdout
+
+
+def _is_local(target: str) -> bool:
+    """A path, a wheel or sdist file, or a URL: pip installs it without asking an index by name."""
+    return target.startswith((".", "/", "~", "$")) or "/" in target or target.endswith((".whl", ".tar.gz", ".zip"))
+
+
+def _names_the_package_from_the_index(text: str) -> bool:
+    try:
+        requirement = Requirement(text)
+    except ValueError:
+        return False
+    return requirement.name.lower().replace("_", "-") == DISTRIBUTION and requirement.url is None
+
+
+def install_line_problems(text: str, root: pathlib.Path = ROOT) -> list[str]:
+    """What is wrong with each ``pip install`` command in ``text``."""
+    problems = []
+    for match in INSTALL_COMMAND.finditer(text):
+        command = re.split(r"&&|\|\||;|\s#", match.group(1))[0]
+        words = WORD.findall(command)
+        installs_a_local_copy = False
+        requirement_files = []
+        expects_value = None
+        for word in words:
+            unquoted = QUOTED.sub("", word)
+            if "[" in unquoted:
+                problems.append(f"{match.group(0).strip()!r}: quote {word} (zsh expands [...])")
+            target = word.replace("'", "").replace('"', "").replace("\\", "")
+            if target not in (".", ".."):  # the end of a sentence or a call, not a path
+                target = target.rstrip(".,:;)")
+            if expects_value:
+                if expects_value in REQUIREMENT_FILE_OPTIONS:
+                    requirement_files.append(target)
+                expects_value = None
+                continue
+            if target.startswith("-"):
+                option = target.split("=", 1)[0]
+                if option in REQUIREMENT_FILE_OPTIONS | OPTIONS_WITH_VALUE and "=" not in target:
+                    expects_value = option
+                elif option in REQUIREMENT_FILE_OPTIONS:
+                    requirement_files.append(target.split("=", 1)[1])
+                continue
+            if _is_local(target):
+                installs_a_local_copy = True
+            elif _names_the_package_from_the_index(target):
+                problems.append(f"{match.group(0).strip()!r}: {DISTRIBUTION} is not on PyPI")
+        for name in requirement_files:
+            path = root / name
+            if not path.is_file():
+                problems.append(f"{match.group(0).strip()!r}: no requirements file {name}")
+                continue
+            for line in path.read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if _names_the_package_from_the_index(line) and not installs_a_local_copy:
+                    problems.append(f"{match.group(0).strip()!r}: {name} asks PyPI for {line}, where it is not")
+    return problems
+
+
+def _scanned_text(path: pathlib.Path) -> str:
+    if path.suffix == ".ipynb":
+        cells = json.loads(path.read_text())["cells"]
+        return "\n".join("".join(cell["source"]) for cell in cells)
+    return path.read_text()
+
+
+def _scanned_files() -> list[pathlib.Path]:
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    paths = [ROOT / name for name in listed if name]
+    return [p for p in paths if p.is_file() and (p.suffix in SCANNED_SUFFIXES or p.name == "Makefile")]
+
+
+def test_every_install_line_in_the_repository_works_today():
+    files = _scanned_files()
+    assert {"README.md", "Makefile", "pyproject.toml"} <= {p.name for p in files}
+    problems = [
+        f"{path.relative_to(ROOT)}:{_scanned_text(path)[: match.start()].count(chr(10)) + 1}: {problem}"
+        for path in files
+        for match in INSTALL_COMMAND.finditer(_scanned_text(path))
+        for problem in install_line_problems(match.group(0))
+    ]
+    assert not problems, "\n".join(problems)
+
+
+PIP = "pip" + " install"  # spelt in two so that this file holds no install line of its own
+
+
+def test_the_install_line_check_tells_working_lines_from_broken_ones(tmp_path):
+    (tmp_path / "bare.txt").write_text(f"optax>=0.2\n{DISTRIBUTION}  # the package\n")
+    (tmp_path / "others.txt").write_text("optax>=0.2\n")
+    working = [
+        f"{PIP} .",
+        f"{PIP} '.[keras]'",
+        f'python -m {PIP} --quiet -e ".[test]"',
+        f"{PIP} dist/dropblock_jax-*.whl -r bare.txt && python train.py",
+        f"{PIP} -U 'jax[tpu]' . -r bare.txt",
+        f"{PIP} -r others.txt",
+        f"`{PIP} 'equinox>=0.13.1'`",
+        f"{PIP} '{DISTRIBUTION}[keras] @ git+https://example.org/dropblock_jax.git'",
+        f"{PIP} jax  # not {DISTRIBUTION}[keras]",
+    ]
+    broken = [
+        f"{PIP} {DISTRIBUTION}",
+        f"{PIP} -U {PACKAGE}",
+        f"`{PIP} '{DISTRIBUTION}[demo]'`.",
+        f'raise ImportError("needs Keras: {PIP} {DISTRIBUTION}[keras]")',
+        f"{PIP} '.[keras]' jax[tpu]",
+        f"{PIP} -r bare.txt",
+        f"{PIP} --requirement=bare.txt",
+        f"{PIP} -r missing.txt",
+    ]
+    assert {line: install_line_problems(line, tmp_path) for line in working} == {line: [] for line in working}
+    assert all(install_line_problems(line, tmp_path) for line in broken), {
+        line: install_line_problems(line, tmp_path) for line in broken
+    }
