@@ -285,6 +285,19 @@ def mask_layout(
 # more (no feature map has thousands of dimensions) is left to the call to refuse.
 _LAYER_CHECK_MAX_RANK = 4096
 
+# Argument sets that passed check_layer_arguments, by _exact key. A Linen module is
+# constructed again at every clone, apply and trace; the layout check costs a few
+# hundred microseconds, a set lookup a few.
+_PASSED_LAYER_ARGUMENTS: set[Hashable] = set()
+_PASSED_LAYER_ARGUMENTS_MAX = 1024
+
+
+def _exact(value: object) -> Hashable:
+    """``value`` with its type, through tuples and lists: ``1`` and ``True``, ``3`` and ``3.0`` get different keys."""
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_exact(v) for v in value))
+    return (type(value), value)
+
 
 def _axis_ints(axes: object) -> list[int]:
     """The int entries of an axis argument (an int or a sequence); other entries are left to the checks."""
@@ -331,6 +344,13 @@ def check_layer_arguments(
       ...
       ValueError: block_size must have one entry per spatial axis (1), got (3, 3).
     """
+    arguments = (keep_prob, block_size, spatial_axes, broadcast_dims, seed_region, gamma, normalize, axis_name)
+    key = _exact(arguments)
+    try:
+        if key in _PASSED_LAYER_ARGUMENTS:
+            return
+    except TypeError:  # an unhashable argument (an array, a tracer) is checked every time
+        key = None
     if keep_prob is not None:
         # The rates module builds on this one, so it can only be imported once both are loaded.
         from dropblock_jax._rates import checked_probability
@@ -354,3 +374,5 @@ def check_layer_arguments(
         check_choice("seed_region", seed_region, SEED_REGIONS)
     check_choice("normalize", normalize, NORMALIZE_MODES)
     check_axis_name(axis_name)
+    if key is not None and len(_PASSED_LAYER_ARGUMENTS) < _PASSED_LAYER_ARGUMENTS_MAX:
+        _PASSED_LAYER_ARGUMENTS.add(key)

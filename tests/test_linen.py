@@ -104,6 +104,21 @@ def test_bad_attributes_fail_at_construction_with_drop_blocks_message(arguments)
         assert str(info.value) == message
 
 
+def test_an_argument_equal_to_an_accepted_one_but_of_another_type_is_still_refused():
+    # Python has 1 == True and 3 == 3.0; DropBlock refuses bools and floats as sizes.
+    DropBlock(keep_prob=1, block_size=(1, 3), broadcast_dims=(0,))
+    for arguments in (
+        {"keep_prob": True, "block_size": (1, 3), "broadcast_dims": (0,)},
+        {"keep_prob": 1, "block_size": (True, 3), "broadcast_dims": (0,)},
+        {"keep_prob": 1, "block_size": (1, 3.0), "broadcast_dims": (0,)},
+        {"keep_prob": 1, "block_size": (1, 3), "broadcast_dims": (False,)},
+    ):
+        error, message = drop_block_error(arguments)
+        with pytest.raises(error) as info:
+            DropBlock(**arguments)
+        assert str(info.value) == message
+
+
 def test_what_depends_on_the_input_is_checked_at_the_call():
     # Axis 1 is spatial in an (N, H, W, C) input but not in an (N, T, H, W, C) one.
     layer = DropBlock(keep_prob=0.6, block_size=3, broadcast_dims=(1,), deterministic=False)
