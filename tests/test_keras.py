@@ -2,18 +2,24 @@
 
 import importlib
 import os
+import pathlib
 import subprocess
 import sys
+import tomllib
 
 import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
+import optax
 import pytest
 
 from conftest import assert_mean_matches
 from dropblock_jax import drop_block
-from dropblock_jax.keras import DropBlock, set_keep_prob
+from dropblock_jax._porting import PORTED_RATE_NAMES
+from dropblock_jax.keras import DropBlock, KeepProbScheduler, set_keep_prob
+
+PYPROJECT = tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
 
 X_NHWC = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
 
@@ -50,43 +56,76 @@ class _ProbedDropBlock(DropBlock):
         return outputs
 
 
-# The rate each of the 4 steps (2 epochs of 2 batches) is set to; the last two are equal,
-# so their masks differ only because the generator advanced.
-SCHEDULE = (0.8, 0.6, 0.4, 0.4)
+def _conv_model(drop, shape=(8, 8, 4), nested=False):
+    """Conv2D, then ``drop``, then a head; with ``nested`` the first two form an inner Sequential."""
+    body = [keras.layers.Conv2D(8, 3, padding="same"), drop]
+    if nested:
+        body = [keras.Sequential([keras.Input(shape), *body], name="inner")]
+    head = [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)]
+    model = keras.Sequential([keras.Input(shape), *body, *head])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
 
 
-def test_fit_follows_a_schedule_with_one_trace_and_new_masks_every_step():
+def _data(n, shape=(8, 8, 4)):
+    rng = np.random.default_rng(1)
+    return rng.normal(size=(n, *shape)).astype("float32"), rng.integers(0, 2, n)
+
+
+class _LogsReader(keras.callbacks.Callback):
+    """Keeps what the callbacks before it logged for each training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_logs = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch_logs.append(dict(logs))
+
+
+# Six steps over two fits (2 epochs of 2 batches, then 1 of 2), 0.8 down to 0.4 at the last.
+TOTAL_STEPS = 6
+KEEP_PROB_SCHEDULE = optax.linear_schedule(init_value=0.8, end_value=0.4, transition_steps=TOTAL_STEPS - 1)
+# The same schedule by hand.
+EXPECTED_KEEP_PROBS = [0.8 - 0.4 * step / (TOTAL_STEPS - 1) for step in range(TOTAL_STEPS)]
+
+
+def test_keep_prob_scheduler_sets_every_step_from_the_global_step_with_one_trace(capsys):
     keras.utils.set_random_seed(0)
     drop = _ProbedDropBlock(keep_prob=0.9, block_size=3, gamma="calibrated", seed=3, name="drop")
-    model = keras.Sequential(
-        [
-            keras.Input((8, 8, 4)),
-            keras.layers.Conv2D(8, 3, padding="same"),
-            drop,
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(2),
-        ]
-    )
-    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(64, 8, 8, 4)).astype("float32")
-    y = rng.integers(0, 2, 64)
-
-    class Schedule(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.step = 0
-
-        def on_train_batch_begin(self, batch, logs=None):
-            assert set_keep_prob(self.model, SCHEDULE[self.step]) == 1
-            self.step += 1
-
+    model = _conv_model(drop)
+    x, y = _data(64)
+    reader = _LogsReader()
     state_before = np.asarray(drop.seed_generator.state.value)
-    model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[Schedule()])
+    history = model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[KeepProbScheduler(KEEP_PROB_SCHEDULE), reader],
+    )
+    # A new fit, and a new scheduler, continue from the batches the model was trained on.
+    model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[KeepProbScheduler(KEEP_PROB_SCHEDULE, verbose=1), reader],
+    )
     jax.effects_barrier()
 
     assert drop.training_traces == 1
-    assert [keep for keep, _ in drop.draws] == pytest.approx(SCHEDULE)
+    assert [keep for keep, _ in drop.draws] == pytest.approx(EXPECTED_KEEP_PROBS)
+    assert drop.draws[-1][0] == pytest.approx(0.4)  # the last step uses the target
+    assert [logs["keep_prob"] for logs in reader.batch_logs] == pytest.approx(EXPECTED_KEEP_PROBS)
+    assert history.history["keep_prob"] == pytest.approx([EXPECTED_KEEP_PROBS[1], EXPECTED_KEEP_PROBS[3]])
+    printed = capsys.readouterr().out
+    assert "Step 4: KeepProbScheduler setting keep_prob to 0.48" in printed
+    assert "Step 5: KeepProbScheduler setting keep_prob to 0.4" in printed and "Step 3:" not in printed
     for keep_prob, mask in drop.draws:
         assert mask.shape == (32, 8, 8, 8)
         # Masks of different samples and channels are independent; with the calibrated
@@ -98,9 +137,54 @@ def test_fit_follows_a_schedule_with_one_trace_and_new_masks_every_step():
             assert (masks[i] != masks[j]).any(), (i, j)
     # One draw per step, written back to the layer after fit.
     np.testing.assert_array_equal(
-        np.asarray(drop.seed_generator.state.value), [state_before[0], state_before[1] + len(SCHEDULE)]
+        np.asarray(drop.seed_generator.state.value), [state_before[0], state_before[1] + TOTAL_STEPS]
     )
-    assert float(drop.keep_prob.value) == pytest.approx(SCHEDULE[-1])
+    assert float(drop.keep_prob.value) == pytest.approx(0.4)
+
+
+def test_keep_prob_scheduler_refuses_bad_arguments_and_bad_values_of_the_schedule():
+    with pytest.raises(TypeError, match=r"schedule must be a function of the step .*got 0\.9"):
+        KeepProbScheduler(0.9)
+    with pytest.raises(TypeError, match=r"verbose must be an int .*got '1'"):
+        KeepProbScheduler(lambda step: 0.9, verbose="1")
+    model = _conv_model(DropBlock(block_size=3))
+    scheduler = KeepProbScheduler(lambda step: 1.0 + 0.5 * step)
+    scheduler.set_model(model)
+    scheduler.on_train_begin()
+    scheduler.on_epoch_begin(0)
+    scheduler.on_train_batch_begin(0)
+    with pytest.raises(ValueError, match=r"schedule\(1\) must be in \[0, 1\], got 1.5"):
+        scheduler.on_train_batch_end(0)
+        scheduler.on_train_batch_begin(1)
+
+
+def test_set_keep_prob_through_a_model_kept_from_before_fit_reaches_the_next_steps():
+    drop = _ProbedDropBlock(keep_prob=0.9, block_size=3, seed=0, name="drop")
+    model = _conv_model(drop, nested=True)
+    inner = model.get_layer("inner")
+    refused = []
+
+    class Schedule(keras.callbacks.Callback):
+        # Reads neither self.model nor logs, which would write the trainer's state back.
+        def on_train_batch_begin(self, batch, logs=None):
+            for part in (drop, inner):
+                try:
+                    set_keep_prob(part, 0.1)
+                except RuntimeError as error:
+                    refused.append(str(error))
+            assert set_keep_prob(model, 0.5 + 0.1 * batch) == 1
+
+    x, y = _data(12)
+    model.fit(x, y, batch_size=4, shuffle=False, verbose=0, callbacks=[Schedule()])
+    jax.effects_barrier()
+    assert [keep for keep, _ in drop.draws] == pytest.approx([0.5, 0.6, 0.7])
+    assert drop.training_traces == 1
+    # Before the first step the trainer holds nothing; from then on a part of the model
+    # cannot reach its state, and says so instead of losing the value.
+    assert len(refused) == 4
+    assert "set_keep_prob got 'drop', which is part of a model that model.fit is training" in refused[0]
+    assert "set_keep_prob got 'inner'" in refused[1]
+    assert all("Pass the model fit was called on (self.model" in message for message in refused)
 
 
 def test_an_assignment_through_callback_model_reaches_every_step():
@@ -171,6 +255,39 @@ def test_data_format_defaults_to_keras_image_data_format():
         keras.config.set_image_data_format(previous)
 
 
+@pytest.mark.parametrize(
+    ("data_format", "broadcast_dims", "channel_axis"),
+    [("channels_last", (-1,), 3), ("channels_last", (3,), 3), ("channels_first", (1,), 1)],
+)
+def test_broadcast_dims_share_one_mask_across_the_channels_of_the_data_format(
+    data_format, broadcast_dims, channel_axis
+):
+    x = X_NHWC if data_format == "channels_last" else _channels_first(X_NHWC)
+    spatial_axes = (1, 2) if data_format == "channels_last" else (2, 3)
+    layer = DropBlock(keep_prob=0.6, block_size=3, data_format=data_format, broadcast_dims=broadcast_dims, seed=9)
+    key = _key_of_next_draw(layer)
+    result = np.asarray(layer(x, training=True))
+    np.testing.assert_array_equal(
+        result, drop_block(key, x, 0.6, 3, spatial_axes=spatial_axes, broadcast_dims=broadcast_dims)
+    )
+    # Every channel of a sample has the same holes, and the samples have different ones.
+    dropped = result == 0
+    first_channel = np.take(dropped, [0], axis=channel_axis)
+    assert dropped.any() and (dropped == first_channel).all()
+    assert not (first_channel == first_channel[:1]).all()
+    config = layer.get_config()
+    assert config["broadcast_dims"] == broadcast_dims
+    assert DropBlock.from_config(config).broadcast_dims == broadcast_dims
+
+
+def test_broadcast_dims_that_do_not_fit_the_input_fail_when_the_model_is_built():
+    with pytest.raises(ValueError, match=r"broadcast_dims entry 4 is out of range for an array with 4 dimensions"):
+        keras.Sequential([keras.Input((8, 8, 3)), DropBlock(block_size=3, broadcast_dims=(4,))])
+    # -2 is W in (N, H, W, C): a spatial axis once the rank is known.
+    with pytest.raises(ValueError, match=r"broadcast_dims must not contain a spatial axis: got .*\(-2,\)"):
+        keras.Sequential([keras.Input((8, 8, 3)), DropBlock(block_size=3, broadcast_dims=(-2,))])
+
+
 def test_options_reach_drop_block():
     options = {"seed_region": "everywhere", "gamma": "calibrated", "normalize": "expected"}
     layer = DropBlock(keep_prob=0.6, block_size=(3, 2), seed=5, **options)
@@ -194,6 +311,7 @@ def test_get_config_and_from_config_round_trip():
         keep_prob=0.8,
         block_size=(3, 5),
         data_format="channels_first",
+        broadcast_dims=(1,),
         seed_region="everywhere",
         gamma="calibrated",
         normalize="none",
@@ -201,10 +319,12 @@ def test_get_config_and_from_config_round_trip():
         name="blocks",
     )
     config = layer.get_config()
-    assert {key: config[key] for key in ("keep_prob", "block_size", "data_format", "seed", "name")} == {
+    keys = ("keep_prob", "block_size", "data_format", "broadcast_dims", "seed", "name")
+    assert {key: config[key] for key in keys} == {
         "keep_prob": pytest.approx(0.8),
         "block_size": (3, 5),
         "data_format": "channels_first",
+        "broadcast_dims": (1,),
         "seed": 7,
         "name": "blocks",
     }
@@ -221,7 +341,10 @@ def test_get_config_and_from_config_round_trip():
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 def test_keras_file_round_trip_keeps_config_rate_and_random_state(tmp_path):
     model = keras.Sequential(
-        [keras.Input((8, 8, 3)), DropBlock(keep_prob=0.9, block_size=(3, 3), gamma="calibrated", seed=4, name="drop")]
+        [
+            keras.Input((8, 8, 3)),
+            DropBlock(keep_prob=0.9, block_size=(3, 3), broadcast_dims=(-1,), gamma="calibrated", seed=4, name="drop"),
+        ]
     )
     assert set_keep_prob(model, 0.6) == 1
     model(X_NHWC, training=True)  # advance the generator
@@ -248,11 +371,21 @@ def test_set_keep_prob_counts_layers_and_refuses_a_model_without_any():
         set_keep_prob(outer, 1.5)
 
 
-def test_keep_prob_and_block_size_are_keyword_only():
-    with pytest.raises(TypeError, match="positional"):
-        DropBlock(0.1)
-    with pytest.raises(TypeError, match="positional"):
-        DropBlock(0.9, 3)
+@pytest.mark.parametrize(
+    ("args", "kwargs", "received"),
+    [
+        ((0.1,), {}, "the positional argument 0.1"),
+        ((0.1, 7), {}, "the positional arguments 0.1, 7"),
+        *(((), {name: 0.1, "block_size": 3}, f"{name}=0.1") for name in PORTED_RATE_NAMES),
+    ],
+)
+def test_a_dropout_style_rate_is_refused_with_keep_prob_one_minus_rate(args, kwargs, received):
+    # keras.layers.Dropout(0.1) drops 10%; DropBlock(0.1) would keep 10%.
+    with pytest.raises(TypeError) as info:
+        DropBlock(*args, **kwargs)
+    message = str(info.value)
+    assert message.startswith(f"DropBlock got {received}, but it takes keep_prob")
+    assert "keep_prob = 1 - r" in message and "DropBlock(keep_prob=0.9)" in message
 
 
 @pytest.mark.parametrize(
@@ -269,11 +402,48 @@ def test_keep_prob_and_block_size_are_keyword_only():
         ({"normalize": "mean"}, ValueError, "normalize must be one of"),
         ({"seed": 1.5}, TypeError, "seed must be an int or None, got 1.5"),
         ({"seed": True}, TypeError, "seed must be an int or None, got True"),
+        ({"broadcast_dims": "c"}, TypeError, "broadcast_dims must be a tuple of ints, got 'c'"),
+        # With an int block_size the number of spatial axes is the input's; axis 1 is
+        # spatial in every channels-last input, axis 2 in every channels-first one.
+        ({"broadcast_dims": (1,)}, ValueError, r"broadcast_dims must not contain a spatial axis: got .*\(1,\)"),
+        (
+            {"broadcast_dims": (0, 2), "data_format": "channels_first"},
+            ValueError,
+            r"broadcast_dims must not contain a spatial axis: got .*\(0, 2\)",
+        ),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
         DropBlock(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"keep_prob": 1.5}, ValueError),
+        ({"block_size": 0}, ValueError),
+        ({"block_size": (3, 0)}, ValueError),
+        ({"seed_region": "same"}, ValueError),
+        ({"gamma": "exact"}, ValueError),
+        ({"normalize": "mean"}, ValueError),
+        ({"broadcast_dims": (0.5,)}, TypeError),
+        ({"broadcast_dims": (3, 3)}, ValueError),
+        ({"broadcast_dims": (1,), "block_size": (3, 3)}, ValueError),
+        ({"broadcast_dims": (2,), "block_size": (3, 3)}, ValueError),
+        ({"broadcast_dims": (0, 3), "block_size": (3, 3), "data_format": "channels_first"}, ValueError),
+    ],
+)
+def test_arguments_fail_at_construction_with_drop_blocks_message(kwargs, error):
+    with pytest.raises(error) as at_construction:
+        DropBlock(**kwargs)
+    # What drop_block says for an image batch in the layer's format.
+    data_format = kwargs.pop("data_format", "channels_last")
+    x, spatial_axes = (X_NHWC, (1, 2)) if data_format == "channels_last" else (_channels_first(X_NHWC), (2, 3))
+    arguments = {"keep_prob": 0.9, "block_size": 3, "spatial_axes": spatial_axes, **kwargs}
+    with pytest.raises(error) as from_drop_block:
+        drop_block(jax.random.key(0), x, **arguments)
+    assert str(at_construction.value) == str(from_drop_block.value)
 
 
 def test_inputs_that_do_not_fit_the_block_size_or_rank_are_refused():
@@ -296,8 +466,24 @@ def test_other_backends_are_refused_at_construction():
     assert "'numpy' backend" in result.stderr
 
 
-def test_import_without_keras_says_how_to_install(monkeypatch):
+def test_import_without_keras_gives_the_line_that_installs_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "keras", None)
     monkeypatch.delitem(sys.modules, "dropblock_jax.keras")
-    with pytest.raises(ImportError, match=r"pip install dropblock-jax\[keras\]"):
+    (requirement,) = PYPROJECT["project"]["optional-dependencies"]["keras"]
+    with pytest.raises(ImportError, match="needs Keras 3, which is not installed") as info:
         importlib.import_module("dropblock_jax.keras")
+    # Quoted, so that zsh does not read the >= as a redirection.
+    assert str(info.value).endswith(f"pip install '{requirement}'")
+
+
+def test_import_with_keras_on_its_default_backend_says_to_set_keras_backend(tmp_path):
+    # No KERAS_BACKEND and no keras.json: Keras loads TensorFlow, blocked here as if not installed.
+    code = "import sys\nsys.modules['tensorflow'] = None\nimport dropblock_jax.keras\n"
+    env = {name: value for name, value in os.environ.items() if name != "KERAS_BACKEND"}
+    env["KERAS_HOME"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    (message,) = [line for line in result.stderr.splitlines() if line.startswith("ImportError:")]
+    assert "runs on Keras's JAX backend, but `import keras` failed" in message
+    assert "tensorflow" in message and "Set the environment variable KERAS_BACKEND=jax" in message
+    assert "not installed: pip install" not in message
