@@ -71,7 +71,7 @@ templates_path = ["_templates"]
 
 # Warnings are errors (make docs passes -W, Read the Docs fail_on_warning) and every
 # reference must resolve, in every build, whatever the command line. The only exceptions
-# are the types of the standard library, JAX, Flax, Equinox and Keras that the signatures
+# are the types of the standard library, NumPy, JAX, Flax, Equinox and Keras that the signatures
 # name: their references resolve only through intersphinx inventories downloaded from
 # those projects' sites, and this build downloads nothing. They are matched by package
 # rather than one by one because the private modules that define them (jax.Array lives
@@ -84,6 +84,7 @@ nitpick_ignore_regex = [
     ("py:class", r"flax\..+"),
     ("py:class", r"equinox\..+"),
     ("py:class", r"keras\..+"),
+    ("py:class", r"numpy\..+"),
 ]
 
 # MyST: Markdown pages with colon fences, dollar math and heading anchors, so that
