@@ -73,8 +73,9 @@ class DropBlock(eqx.Module):
     Arguments are keyword-only: ``keep_prob`` is the probability of *keeping* a unit,
     so ``DropBlock(0.1)`` or ``DropBlock(rate=0.1)``, ported from a dropout layer, is
     a ``TypeError`` that gives ``keep_prob = 1 - rate``. They are checked at
-    construction with the checks of ``drop_block``; those that depend on the input's
-    rank (axes in range, no spatial axis in ``broadcast_dims``) at the call.
+    construction with the checks and messages of ``drop_block``; what depends on the
+    input's rank (an axis out of range, a negative axis of ``broadcast_dims`` that is
+    spatial in it, a tuple ``block_size`` of another length) at the call.
 
     Args:
       keep_prob: probability of keeping a unit, a concrete number in [0, 1].
