@@ -148,7 +148,7 @@ class _Regularization:
 
     regularizer: str = "none"
     keep_prob: float = 1.0
-    block_size: int | tuple[int, ...] = 3
+    block_size: int | Sequence[int] = 3
     regularized_shortcuts: str = "all"
 
     def make(self, rngs: nnx.Rngs) -> DropBlock | nnx.Dropout | None:
@@ -156,7 +156,8 @@ class _Regularization:
         if self.regularizer == "none":
             return None
         if self.regularizer == "dropblock":
-            return DropBlock(keep_prob=float(self.keep_prob), block_size=self.block_size, rngs=rngs)
+            block_size = self.block_size if isinstance(self.block_size, int) else tuple(self.block_size)
+            return DropBlock(keep_prob=float(self.keep_prob), block_size=block_size, rngs=rngs)
         # nnx.Dropout branches in Python on its rate, so it gets a concrete float.
         rate = 1.0 - float(self.keep_prob)
         if self.regularizer == "dropout":
@@ -173,45 +174,39 @@ class _Regularization:
 _BlockHook = Callable[[jax.Array, int], jax.Array] | None
 
 
-class _Block(nnx.Module):
-    """What both residual blocks share: the shortcut, the places, ``relu(branch + shortcut)``.
+def _build_shortcut(
+    block: ResidualBlock | BottleneckBlock,
+    in_features: int,
+    out_features: int,
+    strides: int,
+    regularization: _Regularization,
+    conv: Callable[..., nnx.Conv],
+    norm: Callable[..., nnx.BatchNorm],
+    rngs: nnx.Rngs,
+) -> None:
+    """Gives ``block`` its shortcut: a ``conv1x1-bn`` projection when the shape changes, then its place."""
+    projected = strides != 1 or in_features != out_features
+    if projected:
+        block.proj = conv(in_features, out_features, (1, 1), strides=strides)
+        block.proj_bn = norm(out_features)
+    else:
+        block.proj = block.proj_bn = None
+    block.shortcut_drop = regularization.make_shortcut(projected, rngs)
 
-    Subclasses set ``PLACES`` (the names of their regularizer attributes, in the order
-    :class:`InferenceDropBlock` numbers them, the shortcut last) and build the branch.
-    """
 
-    PLACES: tuple[str, ...] = ()
+def _at_place(block: ResidualBlock | BottleneckBlock, name: str, y: jax.Array, perturb: _BlockHook) -> jax.Array:
+    """``y`` through the block's regularizer ``name``, then through ``perturb`` (with the place's index)."""
+    drop = getattr(block, name)
+    y = y if drop is None else drop(y)
+    return y if perturb is None else perturb(y, block.PLACES.index(name))
 
-    def _build_shortcut(
-        self,
-        in_features: int,
-        out_features: int,
-        strides: int,
-        regularization: _Regularization,
-        norm: Callable[..., nnx.BatchNorm],
-        conv: Callable[..., nnx.Conv],
-        rngs: nnx.Rngs,
-    ) -> None:
-        self.proj: nnx.Conv | None
-        self.proj_bn: nnx.BatchNorm | None
-        projected = strides != 1 or in_features != out_features
-        if projected:
-            self.proj = conv(in_features, out_features, (1, 1), strides=strides)
-            self.proj_bn = norm(out_features)
-        else:
-            self.proj = self.proj_bn = None
-        self.shortcut_drop = regularization.make_shortcut(projected, rngs)
 
-    def _place(self, name: str, y: jax.Array, perturb: _BlockHook) -> jax.Array:
-        drop = getattr(self, name)
-        y = y if drop is None else drop(y)
-        return y if perturb is None else perturb(y, self.PLACES.index(name))
-
-    def _merge(self, x: jax.Array, branch: jax.Array, perturb: _BlockHook) -> jax.Array:
-        shortcut = x
-        if self.proj is not None and self.proj_bn is not None:
-            shortcut = self.proj_bn(self.proj(x))
-        return nnx.relu(branch + self._place("shortcut_drop", shortcut, perturb))
+def _merge(block: ResidualBlock | BottleneckBlock, x: jax.Array, branch: jax.Array, perturb: _BlockHook) -> jax.Array:
+    """``relu(branch + shortcut)``, the shortcut regularized at its place."""
+    shortcut = x
+    if block.proj is not None and block.proj_bn is not None:
+        shortcut = block.proj_bn(block.proj(x))
+    return nnx.relu(branch + _at_place(block, "shortcut_drop", shortcut, perturb))
 
 
 def _layer_factories(
@@ -249,7 +244,7 @@ def _layer_factories(
     return conv, norm
 
 
-class ResidualBlock(_Block):
+class ResidualBlock(nnx.Module):
     """A basic residual block (two 3x3 convolutions) with optional regularization.
 
     Layout: ``conv3x3-bn-relu-drop1``, ``conv3x3-bn-drop2``, the shortcut (a
@@ -273,9 +268,16 @@ class ResidualBlock(_Block):
       dtype: the computation dtype (``None``: the input's).
       param_dtype: the dtype of the parameters and batch statistics.
       rngs: ``nnx.Rngs`` with ``params`` and, when regularized, ``dropout`` streams.
+
+    Attributes:
+      PLACES: the names of the regularizer places, in the order a ``perturb`` hook and
+        :class:`InferenceDropBlock` number them.
     """
 
     PLACES = ("drop1", "drop2", "shortcut_drop")
+    proj: nnx.Conv | None
+    proj_bn: nnx.BatchNorm | None
+    shortcut_drop: DropBlock | nnx.Dropout | None
 
     def __init__(
         self,
@@ -285,7 +287,7 @@ class ResidualBlock(_Block):
         strides: int = 1,
         regularizer: str = "none",
         keep_prob: float = 1.0,
-        block_size: int | tuple[int, ...] = 3,
+        block_size: int | Sequence[int] = 3,
         regularized_shortcuts: str = "all",
         bn_momentum: float = _BN_MOMENTUM,
         dtype: DTypeLike | None = None,
@@ -300,19 +302,19 @@ class ResidualBlock(_Block):
         self.conv2 = conv(out_features, out_features, (3, 3))
         self.bn2 = norm(out_features, zero_scale=True)
         self.drop2 = regularization.make(rngs)
-        self._build_shortcut(in_features, out_features, strides, regularization, norm, conv, rngs)
+        _build_shortcut(self, in_features, out_features, strides, regularization, conv, norm, rngs)
 
     def __call__(self, x: jax.Array, perturb: _BlockHook = None) -> jax.Array:
         """Applies the block; ``perturb(y, place)`` follows each regularizer place if given.
 
-        ``place`` is the index of the place in :attr:`PLACES`.
+        ``place`` is the index of the place in ``PLACES``.
         """
-        y = self._place("drop1", nnx.relu(self.bn1(self.conv1(x))), perturb)
-        y = self._place("drop2", self.bn2(self.conv2(y)), perturb)
-        return self._merge(x, y, perturb)
+        y = _at_place(self, "drop1", nnx.relu(self.bn1(self.conv1(x))), perturb)
+        y = _at_place(self, "drop2", self.bn2(self.conv2(y)), perturb)
+        return _merge(self, x, y, perturb)
 
 
-class BottleneckBlock(_Block):
+class BottleneckBlock(nnx.Module):
     """The bottleneck block of the authors' ResNet-50 and deeper, with optional regularization.
 
     Layout, as ``bottleneck_block`` in ``resnet_model.py`` (v1.5: the stride on the 3x3
@@ -325,11 +327,18 @@ class BottleneckBlock(_Block):
       in_features: input channels.
       features: the bottleneck's width; the block outputs ``4 * features`` channels.
       strides: stride of the 3x3 convolution and of the projection.
-      regularizer, keep_prob, block_size, regularized_shortcuts, bn_momentum, dtype,
-        param_dtype, rngs: as in :class:`ResidualBlock`.
+      regularizer, keep_prob, block_size, regularized_shortcuts, bn_momentum, dtype, param_dtype, rngs: as
+        in :class:`ResidualBlock`.
+
+    Attributes:
+      PLACES: the names of the regularizer places, in the order a ``perturb`` hook and
+        :class:`InferenceDropBlock` number them.
     """
 
     PLACES = ("drop1", "drop2", "drop3", "shortcut_drop")
+    proj: nnx.Conv | None
+    proj_bn: nnx.BatchNorm | None
+    shortcut_drop: DropBlock | nnx.Dropout | None
 
     def __init__(
         self,
@@ -339,7 +348,7 @@ class BottleneckBlock(_Block):
         strides: int = 1,
         regularizer: str = "none",
         keep_prob: float = 1.0,
-        block_size: int | tuple[int, ...] = 3,
+        block_size: int | Sequence[int] = 3,
         regularized_shortcuts: str = "all",
         bn_momentum: float = _BN_MOMENTUM,
         dtype: DTypeLike | None = None,
@@ -358,17 +367,17 @@ class BottleneckBlock(_Block):
         self.conv3 = conv(features, out_features, (1, 1))
         self.bn3 = norm(out_features, zero_scale=True)
         self.drop3 = regularization.make(rngs)
-        self._build_shortcut(in_features, out_features, strides, regularization, norm, conv, rngs)
+        _build_shortcut(self, in_features, out_features, strides, regularization, conv, norm, rngs)
 
     def __call__(self, x: jax.Array, perturb: _BlockHook = None) -> jax.Array:
         """Applies the block; ``perturb(y, place)`` follows each regularizer place if given.
 
-        ``place`` is the index of the place in :attr:`PLACES`.
+        ``place`` is the index of the place in ``PLACES``.
         """
-        y = self._place("drop1", nnx.relu(self.bn1(self.conv1(x))), perturb)
-        y = self._place("drop2", nnx.relu(self.bn2(self.conv2(y))), perturb)
-        y = self._place("drop3", self.bn3(self.conv3(y)), perturb)
-        return self._merge(x, y, perturb)
+        y = _at_place(self, "drop1", nnx.relu(self.bn1(self.conv1(x))), perturb)
+        y = _at_place(self, "drop2", nnx.relu(self.bn2(self.conv2(y))), perturb)
+        y = _at_place(self, "drop3", self.bn3(self.conv3(y)), perturb)
+        return _merge(self, x, y, perturb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,7 +424,7 @@ class InferenceDropBlock:
 
     key: jax.Array
     keep_prob: ArrayLike
-    block_size: int | tuple[int, ...] = 1
+    block_size: int | Sequence[int] = 1
     per_stage: bool = True
     normalize: str = "batch"
 
@@ -515,7 +524,7 @@ class ResNet(nnx.Module):
         stem: str = "small",
         regularizer: str = "dropblock",
         keep_prob: float = 0.9,
-        block_size: int | tuple[int, ...] = 3,
+        block_size: int | Sequence[int] = 3,
         regularized_stages: int = 2,
         regularized_shortcuts: str = "all",
         bn_momentum: float = _BN_MOMENTUM,
@@ -659,7 +668,7 @@ def resnet(
     *,
     regularizer: str = "dropblock",
     keep_prob: float = 0.9,
-    block_size: int | tuple[int, ...] = 7,
+    block_size: int | Sequence[int] = 7,
     regularized_shortcuts: str = "all",
     dtype: DTypeLike | None = None,
     param_dtype: DTypeLike = jnp.float32,
