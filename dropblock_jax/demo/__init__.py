@@ -7,7 +7,7 @@ DropBlock with a linear keep_prob schedule, over several seeds. Then scores ever
 trained model with DropBlock applied at inference (block 1 and the trained block) and
 on occluded images, and compares the methods with no regularizer seed by seed, with
 95% intervals. Needs the ``demo``
-extra: ``pip install 'dropblock-jax[demo]'``.
+extra: ``pip install '.[demo]'`` from a checkout (or ``make demo``).
 """
 
 from dropblock_jax.demo.cli import main

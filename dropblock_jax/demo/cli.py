@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--keep-prob must be in [0, 1], got {args.keep_prob}.")
     missing = _missing_demo_packages()
     if missing:
-        parser.error(f"the demo needs {', '.join(missing)}: pip install 'dropblock-jax[demo]'.")
+        parser.error(f"the demo needs {', '.join(missing)}: pip install '.[demo]' in a checkout (or make demo).")
 
     if args.quick:
         # Read when JAX first initializes its backend, which nothing before this line does.
