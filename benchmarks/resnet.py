@@ -1,40 +1,43 @@
 """A whole ResNet train step with regularizers where the DropBlock authors put them.
 
 Each row is one jitted train step (forward, softmax cross-entropy, gradients, SGD with
-momentum, batch-statistics update) of the same Flax Linen ResNet, differing only in the
-regularizer applied after every batch norm of the residual branches of the last two
-stages and after the batch norm of their projection shortcuts (29 places in
-ResNet-50), as in the authors' TPU ResNet. The last stage uses ``keep_prob``, the one
-before it ``1 - (1 - keep_prob) / 4``. Where a row uses a schedule, ``keep_prob`` comes
+momentum, batch-statistics update) of ``dropblock_jax.models.resnet``, differing only in
+the regularizer, its places and the compute dtype. The authors' places (``tensorflow/tpu``
+``models/official/resnet/resnet_model.py``) are groups 3 and 4, after every batch norm
+of the residual branch and on every shortcut, identity shortcuts included: 36 places in
+ResNet-50. Rows marked 29 regularize the projection shortcuts only
+(``regularized_shortcuts="projection"``), for comparison. Group 4 uses ``keep_prob``,
+group 3 ``1 - (1 - keep_prob) / 4``. Where a row uses a schedule, ``keep_prob`` comes
 from ``optax.linear_schedule(1.0, 0.9, 1000)`` evaluated on a step counter that is an
 argument of the jitted step, so it is traced.
 
-Rows:
+Rows, in float32 and in bfloat16 (``dtype=jnp.bfloat16``: bfloat16 activations,
+float32 parameters, batch statistics and logits):
   none: no regularizer.
-  dropout: ``flax.linen.Dropout(0.1)`` at the same places (its rate cannot be traced).
+  dropout: ``nnx.Dropout(0.1)`` at the same places (its rate cannot be traced).
   dropblock: ``DropBlock(block_size=7)``, one mask per channel, scheduled keep_prob.
-  dropblock-const: the same with ``keep_prob=0.9`` as a Python constant.
+  dropblock-const: the same with ``keep_prob=0.9`` a constant of the compiled step.
   dropblock-shared: ``broadcast_dims=(-1,)`` (one mask for all channels), scheduled.
 
-Columns, each also as a ratio to ``none``: the wall time of ``lower(...).compile()``
-with JAX's caches cleared before each row and no persistent cache; XLA's cost analysis
-("bytes accessed", "flops"); the compiled temporary memory; the step time, median and
-minimum over ``--rounds`` rounds that each time every row once (round-robin, so a slow
-phase of a shared machine falls on all rows alike), after one warm-up call per row.
-The JSON output also holds each compile's process CPU time.
+Columns, each also as a ratio to ``none`` of the same dtype: the wall time of
+``lower(...).compile()`` with JAX's caches cleared before each row and no persistent
+cache; XLA's cost analysis ("bytes accessed", "flops"); the compiled temporary memory;
+the step time, median and minimum over ``--rounds`` rounds that each time every row once
+(round-robin, so a slow phase of a shared machine falls on all rows alike), after one
+warm-up call per row. The JSON output also holds each compile's process CPU time.
 
 Stdout holds a header line and one markdown table; progress goes to stderr.
 
 Usage:
   python benchmarks/resnet.py                                 # ResNet-50, 224 px, batch 8
   python benchmarks/resnet.py --depth 18 --image-size 112 --rounds 20
-  python benchmarks/resnet.py --variants none,dropblock --json resnet.json
+  python benchmarks/resnet.py --variants none,dropblock --dtypes bfloat16 --places all
+  python benchmarks/resnet.py --json resnet.json
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import platform
@@ -47,17 +50,16 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from flax import linen as nn
+from flax import nnx
 
-import dropblock_jax as db
+from dropblock_jax.models import DEPTHS, resnet
+from dropblock_jax.nnx import DropBlock
 
 # A persistent cache would turn the compile-time column into a disk read.
 jax.config.update("jax_enable_compilation_cache", False)
 
-DEPTHS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}
-WIDTHS = (64, 128, 256, 512)
-BLOCK_SIZE, DROPOUT_RATE, CONSTANT_KEEP_PROB = 7, 0.1, 0.9
-SCHEDULE = optax.linear_schedule(init_value=1.0, end_value=0.9, transition_steps=1000)
+BLOCK_SIZE, CONSTANT_KEEP_PROB = 7, 0.9
+SCHEDULE = optax.linear_schedule(init_value=1.0, end_value=CONSTANT_KEEP_PROB, transition_steps=1000)
 
 VARIANTS = {
     "none": "none",
@@ -67,109 +69,65 @@ VARIANTS = {
     "dropblock-shared": "DropBlock shared (-1,), traced keep_prob",
 }
 SCHEDULED = {"dropblock", "dropblock-shared"}
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+# --places: every shortcut of groups 3 and 4 (the authors), or the projection shortcuts only.
+PLACES = ("all", "projection")
 
 
-class Regularizer(nn.Module):
-    """The regularizer of one variant at one place; ``keep_prob`` is that stage's."""
+def build_model(depth: int, num_classes: int, base_width: int, variant: str, places: str, dtype) -> nnx.Module:
+    regularizer = {"none": "none", "dropout": "dropout"}.get(variant, "dropblock")
+    model = resnet(
+        depth,
+        num_classes,
+        regularizer=regularizer,
+        keep_prob=CONSTANT_KEEP_PROB,
+        block_size=BLOCK_SIZE,
+        regularized_shortcuts=places,
+        dtype=dtype,
+        base_width=base_width,
+        rngs=nnx.Rngs(params=0, dropout=1),
+    )
+    if variant == "dropblock-shared":
+        # The model builds its layers with the default options; the broadcast axes are a
+        # static attribute of each layer, set here before the model is split.
+        for _, node in nnx.iter_graph(model):
+            if isinstance(node, DropBlock):
+                node.broadcast_dims = (-1,)
+    return model
 
-    variant: str
 
-    @nn.compact
-    def __call__(self, x, keep_prob):
-        if self.variant == "none":
-            return x
-        if self.variant == "dropout":
-            return nn.Dropout(DROPOUT_RATE, deterministic=False)(x)
-        broadcast_dims = (-1,) if self.variant == "dropblock-shared" else ()
-        return db.DropBlock(block_size=BLOCK_SIZE, broadcast_dims=broadcast_dims, deterministic=False)(
-            x, keep_prob=keep_prob
-        )
+def count_places(model: nnx.Module) -> int:
+    return sum(isinstance(node, (DropBlock, nnx.Dropout)) for _, node in nnx.iter_graph(model))
 
 
-class ResidualBlock(nn.Module):
-    """A basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 x4) residual block.
+def make_train_step(model: nnx.Module, variant: str, optimizer: optax.GradientTransformation) -> tuple[Callable, tuple]:
+    """The jitted-to-be step and its arguments but the data: (params, batch_stats, rng_state, keep_probs, opt_state).
 
-    ``keep_prob`` None means this stage carries no regularizer.
+    ``keep_probs`` (the layers' keep_prob variables) is an argument of the scheduled
+    rows, whose step overwrites it from the schedule; the constant row closes over it,
+    so that its keep_prob is a constant of the compiled program, like a Python float.
     """
+    graphdef, params, batch_stats, rng_state, keep_probs = nnx.split(model, nnx.Param, nnx.BatchStat, nnx.RngState, ...)
+    scheduled = variant in SCHEDULED
+    constant_keep_probs = keep_probs
 
-    width: int
-    strides: int
-    kind: str
-    variant: str
-
-    @nn.compact
-    def __call__(self, x, train: bool, keep_prob):
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
-        conv = functools.partial(nn.Conv, use_bias=False)
-
-        def regularize(y):
-            return y if keep_prob is None else Regularizer(self.variant)(y, keep_prob)
-
-        if self.kind == "bottleneck":
-            shapes = [((1, 1), 1), ((3, 3), self.strides), ((1, 1), 1)]
-            widths = [self.width, self.width, 4 * self.width]
-        else:
-            shapes = [((3, 3), self.strides), ((3, 3), 1)]
-            widths = [self.width, self.width]
-        y = x
-        for i, ((kernel, strides), width) in enumerate(zip(shapes, widths)):
-            last = i == len(shapes) - 1
-            y = conv(width, kernel, strides, padding=[(k // 2, k // 2) for k in kernel])(y)
-            # The last norm starts at zero so that each block starts as the identity.
-            y = norm(scale_init=nn.initializers.zeros if last else nn.initializers.ones)(y)
-            # The authors' model regularizes after the activation where there is one.
-            y = regularize(y if last else nn.relu(y))
-        shortcut = x
-        if x.shape[-1] != y.shape[-1] or self.strides != 1:
-            shortcut = conv(y.shape[-1], (1, 1), self.strides)(x)
-            shortcut = regularize(norm()(shortcut))
-        return nn.relu(y + shortcut)
-
-
-class ResNet(nn.Module):
-    """ResNet-18/50 on NHWC images: 7x7/2 stem, max pool, four stages, average pool, dense."""
-
-    depth: int = 50
-    num_classes: int = 1000
-    variant: str = "none"
-
-    @nn.compact
-    def __call__(self, x, train: bool = True, keep_prob=CONSTANT_KEEP_PROB):
-        kind, stage_sizes = DEPTHS[self.depth]
-        x = nn.Conv(WIDTHS[0], (7, 7), 2, padding=[(3, 3), (3, 3)], use_bias=False)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
-        x = nn.relu(x)
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
-        stage_keep = [None, None, 1.0 - (1.0 - keep_prob) / 4.0, keep_prob]
-        for stage, (blocks, width) in enumerate(zip(stage_sizes, WIDTHS)):
-            for block in range(blocks):
-                strides = 2 if stage > 0 and block == 0 else 1
-                x = ResidualBlock(width, strides, kind, self.variant)(x, train, stage_keep[stage])
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes)(x)
-
-
-def make_train_step(model: ResNet, optimizer: optax.GradientTransformation, scheduled: bool) -> Callable:
-    def train_step(params, batch_stats, opt_state, images, labels, key, step):
-        keep_prob = SCHEDULE(step) if scheduled else CONSTANT_KEEP_PROB
-
+    def train_step(params, batch_stats, rng_state, keep_probs, opt_state, images, labels, step):
         def loss_fn(params):
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": batch_stats},
-                images,
-                train=True,
-                keep_prob=keep_prob,
-                rngs={"dropout": key},
-                mutable=["batch_stats"],
+            model = nnx.merge(
+                graphdef, params, batch_stats, rng_state, keep_probs if scheduled else constant_keep_probs, copy=True
             )
+            if scheduled:
+                model.set_stage_keep_probs(SCHEDULE(step))
+            logits = model(images)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, updates["batch_stats"]
+            _, _, new_batch_stats, new_rng_state, _ = nnx.split(model, nnx.Param, nnx.BatchStat, nnx.RngState, ...)
+            return loss, (new_batch_stats, new_rng_state)
 
-        (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (new_batch_stats, new_rng_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_batch_stats, new_opt_state, loss
+        return optax.apply_updates(params, updates), new_batch_stats, new_rng_state, new_opt_state, loss
 
-    return train_step
+    return train_step, (params, batch_stats, rng_state, keep_probs if scheduled else None, optimizer.init(params))
 
 
 def _cost(compiled) -> dict:
@@ -187,8 +145,9 @@ def _cost(compiled) -> dict:
 class Row:
     """One variant's compiled step, its static costs and its timings."""
 
-    def __init__(self, name: str, step: Callable, args: tuple):
-        self.name, self.step, self.args = name, step, args
+    def __init__(self, name: str, dtype: str, places: str, num_places: int, step: Callable, args: tuple):
+        self.name, self.dtype, self.places, self.num_places = name, dtype, places, num_places
+        self.step, self.args = step, args
         self.compile_s, self.compile_cpu_s = math.inf, math.inf
         self.compile_once()
         cost = _cost(self.compiled)
@@ -216,6 +175,9 @@ class Row:
         return {
             "regularizer": VARIANTS[self.name],
             "variant": self.name,
+            "dtype": self.dtype,
+            "shortcuts": self.places,
+            "places": self.num_places,
             "compile_s": self.compile_s,
             "compile_cpu_s": self.compile_cpu_s,
             "bytes_accessed": self.bytes_accessed,
@@ -239,25 +201,28 @@ def run(
     num_classes: int,
     schedule_step: int,
     compile_rounds: int = 1,
+    dtypes: Sequence[str] = tuple(DTYPES),
+    places: Sequence[str] = PLACES,
+    base_width: int = 64,
 ) -> list[dict]:
-    init_model = ResNet(depth, num_classes, "none")
-    # Regularizers hold no parameters and the head follows a global pool, so one small
-    # init serves every variant and every image size.
-    variables = jax.jit(functools.partial(init_model.init, train=False))(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    params, batch_stats = variables["params"], variables["batch_stats"]
     optimizer = optax.sgd(0.1, momentum=0.9)
-    opt_state = optimizer.init(params)
     images = jax.random.normal(jax.random.key(1), (batch, image_size, image_size, 3))
     labels = jax.random.randint(jax.random.key(2), (batch,), 0, num_classes)
     # The same arrays are reused by every call, so nothing is donated.
-    args = (params, batch_stats, opt_state, images, labels, jax.random.key(3), jnp.int32(schedule_step))
+    data = (images, labels, jnp.int32(schedule_step))
 
     rows = []
-    for name in variants:
-        _progress(f"compiling {name} ...")
-        model = ResNet(depth, num_classes, name)
-        rows.append(Row(name, make_train_step(model, optimizer, name in SCHEDULED), args))
-        _progress(f"  {rows[-1].compile_s:.1f} s")
+    for dtype in dtypes:
+        # `none` has no places: one row per dtype serves both placements.
+        configs = [(name, place) for place in places for name in variants if name != "none"]
+        if "none" in variants:
+            configs.insert(0, ("none", places[0]))
+        for name, place in configs:
+            _progress(f"compiling {name}, {dtype}, {place} shortcuts ...")
+            model = build_model(depth, num_classes, base_width, name, place, DTYPES[dtype])
+            step, state = make_train_step(model, name, optimizer)
+            rows.append(Row(name, dtype, place, count_places(model), step, (*state, *data)))
+            _progress(f"  {rows[-1].compile_s:.1f} s")
     for round_index in range(1, compile_rounds):
         for row in rows:
             row.compile_once()
@@ -272,24 +237,37 @@ def run(
 
 
 def table(results: list[dict]) -> list[str]:
-    base = next((r for r in results if r["variant"] == "none"), None)
+    bases = {r["dtype"]: r for r in results if r["variant"] == "none"}
 
     def ratio(result, field):
+        base = bases.get(result["dtype"])
         return f"{result[field] / base[field]:.3f}" if base else "-"
 
     lines = [
-        "| regularizer | compile s | compile / none | compile CPU / none | bytes accessed / none | flops / none "
-        "| temp MB | temp / none | step ms median | step ms min | step / none (median) | step / none (min) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| regularizer | dtype | places | compile s | compile / none | compile CPU / none | bytes accessed / none "
+        "| flops / none | temp MB | temp / none | step ms median | step ms min | step / none (median) "
+        "| step / none (min) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r['regularizer']} | {r['compile_s']:.2f} | {ratio(r, 'compile_s')} | {ratio(r, 'compile_cpu_s')} | "
-            f"{ratio(r, 'bytes_accessed')} | {ratio(r, 'flops')} | {r['temp_bytes'] / 2**20:.1f} | "
-            f"{ratio(r, 'temp_bytes')} | {r['step_ms_median']:.1f} | {r['step_ms_min']:.1f} | "
-            f"{ratio(r, 'step_ms_median')} | {ratio(r, 'step_ms_min')} |"
+            f"| {r['regularizer']} | {r['dtype']} | {r['places']} | {r['compile_s']:.2f} | {ratio(r, 'compile_s')} | "
+            f"{ratio(r, 'compile_cpu_s')} | {ratio(r, 'bytes_accessed')} | {ratio(r, 'flops')} | "
+            f"{r['temp_bytes'] / 2**20:.1f} | {ratio(r, 'temp_bytes')} | {r['step_ms_median']:.1f} | "
+            f"{r['step_ms_min']:.1f} | {ratio(r, 'step_ms_median')} | {ratio(r, 'step_ms_min')} |"
         )
     return lines
+
+
+def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [v for v in values if v not in allowed]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(allowed)}")
+        return values
+
+    return parse
 
 
 def main():
@@ -298,15 +276,27 @@ def main():
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument(
+        "--base-width", type=int, default=64, help="width of group 1 (64 is the authors' network; smaller for tests)"
+    )
     parser.add_argument("--rounds", type=int, default=10, help="timed round-robin rounds (median and min)")
     parser.add_argument(
         "--compile-rounds", type=int, default=3, help="round-robin compiles per row (the minimum is reported)"
     )
     parser.add_argument(
         "--variants",
-        type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+        type=_choices(tuple(VARIANTS)),
         default=list(VARIANTS),
         help=f"comma-separated subset of: {', '.join(VARIANTS)}",
+    )
+    parser.add_argument(
+        "--dtypes", type=_choices(tuple(DTYPES)), default=list(DTYPES), help="comma-separated: float32, bfloat16"
+    )
+    parser.add_argument(
+        "--places",
+        type=_choices(PLACES),
+        default=list(PLACES),
+        help="comma-separated: all (every shortcut, the authors' 36 places), projection (29)",
     )
     parser.add_argument(
         "--schedule-step",
@@ -317,9 +307,6 @@ def main():
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown or not args.variants:
-        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.rounds < 1 or args.compile_rounds < 1:
         parser.error("--rounds and --compile-rounds must be at least 1")
 
@@ -339,6 +326,9 @@ def main():
         args.num_classes,
         args.schedule_step,
         args.compile_rounds,
+        args.dtypes,
+        args.places,
+        args.base_width,
     )
     print("\n".join([header, "", *table(results)]), flush=True)
     if args.json:
@@ -349,6 +339,7 @@ def main():
             "device_kind": device.device_kind,
             "processor": platform.processor() or platform.machine(),
             "depth": args.depth,
+            "base_width": args.base_width,
             "image_size": args.image_size,
             "batch": args.batch,
             "rounds": args.rounds,

@@ -6,6 +6,7 @@ shapes) say nothing about speed.
 
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -14,11 +15,14 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def run_script(name, *args):
+    # LLVM's optimizations are most of a compile; smoke tests measure nothing and skip them.
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / name), *args],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -45,29 +49,22 @@ def assert_finite_positive(texts):
     assert all(math.isfinite(v) and v > 0 for v in values), texts
 
 
+# A tiny ResNet-18 (group 1 eight channels wide) on 32 px images: the structure of the
+# step, at a fraction of ResNet-50's compile time.
+TINY_RESNET = ("--depth", "18", "--base-width", "8", "--image-size", "32", "--batch", "2", "--num-classes", "10")
+TINY_RUN = ("--rounds", "1", "--compile-rounds", "1")
+RESNET_FIELDS = ("compile_s", "compile_cpu_s", "bytes_accessed", "flops", "temp_bytes", "step_ms_median", "step_ms_min")
+
+
 def test_resnet_prints_one_table_with_every_variant(tmp_path):
     from_json = tmp_path / "resnet.json"
     stdout = run_script(
-        "resnet.py",
-        "--depth",
-        "18",
-        "--image-size",
-        "32",
-        "--batch",
-        "2",
-        "--rounds",
-        "1",
-        "--compile-rounds",
-        "1",
-        "--num-classes",
-        "10",
-        "--json",
-        str(from_json),
+        "resnet.py", *TINY_RESNET, *TINY_RUN, "--dtypes", "float32", "--places", "all", "--json", str(from_json)
     )
     assert stdout.splitlines()[0].startswith("jax "), stdout
     assert "ResNet-18" in stdout.splitlines()[0]
     header, rows = markdown_table(stdout)
-    assert header[0] == "regularizer" and len(header) == 12
+    assert header[:3] == ["regularizer", "dtype", "places"] and len(header) == 14
     assert [row[0] for row in rows] == [
         "none",
         "nn.Dropout(0.1)",
@@ -75,16 +72,37 @@ def test_resnet_prints_one_table_with_every_variant(tmp_path):
         "DropBlock per-channel, constant keep_prob",
         "DropBlock shared (-1,), traced keep_prob",
     ]
+    # ResNet-18's groups 3 and 4: two blocks of two branch places and a shortcut each.
+    assert [row[1:3] for row in rows] == [["float32", "0"]] + [["float32", "12"]] * 4
     for row in rows:
         assert len(row) == len(header)
-        assert_finite_positive(row[1:])
+        assert_finite_positive(row[3:])
     ratios = [i for i, name in enumerate(header) if "/ none" in name]
     assert len(ratios) == 7 and all(rows[0][i] == "1.000" for i in ratios)
     results = json.loads(from_json.read_text())
     assert results["depth"] == 18 and [r["regularizer"] for r in results["rows"]] == [row[0] for row in rows]
-    fields = ("compile_s", "compile_cpu_s", "bytes_accessed", "flops", "temp_bytes", "step_ms_median", "step_ms_min")
     for r in results["rows"]:
-        assert_finite_positive([r[k] for k in fields])
+        assert_finite_positive([r[k] for k in RESNET_FIELDS])
+
+
+def test_resnet_rows_per_dtype_and_placement_are_relative_to_their_dtypes_none():
+    stdout = run_script(
+        "resnet.py", *TINY_RESNET, *TINY_RUN, "--variants", "none,dropblock-const", "--dtypes", "bfloat16,float32"
+    )
+    header, rows = markdown_table(stdout)
+    # Every shortcut of groups 3 and 4, then the projection shortcuts only (one per group).
+    assert [tuple(row[1:3]) for row in rows] == [
+        ("bfloat16", "0"),
+        ("bfloat16", "12"),
+        ("bfloat16", "10"),
+        ("float32", "0"),
+        ("float32", "12"),
+        ("float32", "10"),
+    ]
+    ratios = [i for i, name in enumerate(header) if "/ none" in name]
+    assert all(rows[0][i] == rows[3][i] == "1.000" for i in ratios)
+    for row in rows:
+        assert_finite_positive(row[3:])
 
 
 def test_bench_prints_one_table_with_every_row():
