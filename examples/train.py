@@ -1,9 +1,9 @@
 """Data-parallel ResNet training with DropBlock, on one process or one process per host.
 
 DropBlock sits where the paper's authors put it (:class:`dropblock_jax.models.ResNet`:
-the last two stages, after every batch norm and on the projection shortcut), and its
-keep_prob follows the paper's linear schedule from 1 to ``--keep-prob`` over the run,
-reaching the model as a traced value (one compile for the whole run).
+the last two stages, after every batch norm and on every shortcut), and its
+keep_prob follows the paper's linear schedule from 1 to ``--keep-prob``, reached at the
+run's last step, as a traced value (one compile for the whole run).
 
 Every process reads only its own slice of the training records, as a pod input
 pipeline does (Grain's ``ShardByJaxProcess``); the slices become one global batch with
@@ -11,6 +11,10 @@ pipeline does (Grain's ``ShardByJaxProcess``); the slices become one global batc
 The masks are drawn from ``fold_in(dropout_key, step)``, and orbax-checkpoint saves the
 parameters, batch statistics, optimizer state and step: a run restarted from its
 checkpoint continues with the masks and the parameters an unbroken run would have.
+A SIGTERM (a preempted TPU VM's notice; the ``--simulate-hosts`` launcher passes it on
+to its processes) makes every process save the step it has reached and exit cleanly.
+The slicing, the global batch, checkpoints, preemption and the processes are
+``examples/pod.py``'s, shared with ``examples/imagenet/train.py``.
 
 Run it (requirements: ``pip install -r examples/requirements.txt``)::
 
@@ -33,8 +37,7 @@ import argparse
 import dataclasses
 import functools
 import os
-import socket
-import subprocess
+import pathlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,20 +49,21 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from dropblock_jax import block_mask
 from dropblock_jax.demo.data import upscale
-from dropblock_jax.models import ResNet
+from dropblock_jax.models import ResidualBlock, ResNet
 from dropblock_jax.nnx import DropBlock
 
-DATA_AXIS = "data"
+# The machinery shared with examples/imagenet/train.py (slices, global batch, checkpoints, processes).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import pod
+
 # sklearn's digits: 1797 records; the first TRAIN_RECORDS are the training set, split
 # between the processes; the rest are never read here.
 TRAIN_RECORDS = 1600
 # The regularizer places of a residual block, in the order ResNet's perturb hook numbers them.
-PLACE_NAMES = ("drop1", "drop2", "proj_drop")
+PLACE_NAMES = ResidualBlock.PLACES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,21 +85,11 @@ class Config:
 # Input: each process reads its slice and batches it; the batches form one global batch.
 
 
-def host_records(num_records: int, process_index: int, process_count: int) -> range:
-    """The records process ``process_index`` of ``process_count`` reads: a contiguous slice.
-
-    Equal slices, the remainder dropped (as Grain's ``ShardByJaxProcess(drop_remainder=True)``),
-    so every process has as many batches per epoch as the others.
-    """
-    per_process = num_records // process_count
-    return range(process_index * per_process, (process_index + 1) * per_process)
-
-
 def load_host_slice(process_index: int, process_count: int, image_scale: int) -> tuple[np.ndarray, np.ndarray]:
     """This process's training images (NHWC float32) and labels, nothing of the others'."""
     from sklearn.datasets import load_digits
 
-    records = host_records(TRAIN_RECORDS, process_index, process_count)
+    records = pod.host_records(TRAIN_RECORDS, process_index, process_count, drop_remainder=True)
     digits = load_digits()
     images = digits.images[records.start : records.stop, :, :, None].astype(np.float32)
     # A fixed affine map of the pixel range (0..16 to -1..1), not statistics of the data:
@@ -115,16 +109,6 @@ def local_batch_indices(step: int, num_local: int, local_batch: int, seed: int, 
     epoch, position = divmod(step, batches_per_epoch)
     order = np.random.default_rng([seed, epoch, process_index]).permutation(num_local)
     return order[position * local_batch : (position + 1) * local_batch]
-
-
-def global_batch(
-    sharding: NamedSharding, local_images: np.ndarray, local_labels: np.ndarray
-) -> tuple[jax.Array, jax.Array]:
-    """One global batch from every process's rows: process ``p`` holds the ``p``-th block of rows."""
-    return (
-        jax.make_array_from_process_local_data(sharding, local_images),
-        jax.make_array_from_process_local_data(sharding, local_labels),
-    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -191,8 +175,8 @@ def forward_with_masks(model: ResNet, images: jax.Array) -> tuple[jax.Array, dic
 
 
 def keep_prob_schedule(config: Config) -> optax.Schedule:
-    """The paper's schedule: keep_prob falls linearly from 1 to ``config.keep_prob`` over the run."""
-    return optax.linear_schedule(1.0, config.keep_prob, transition_steps=config.steps)
+    """The paper's schedule: keep_prob falls linearly from 1 to ``config.keep_prob``, reached at the last step."""
+    return functools.partial(pod.linear_keep_prob, total_steps=config.steps, target=config.keep_prob)
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
@@ -206,7 +190,7 @@ def init_state(config: Config) -> tuple[nnx.GraphDef, dict[str, Any], Any]:
     The train state (what a checkpoint holds) is ``{"params", "batch_stats",
     "opt_state", "step"}``; the other variables (the dropout streams, the keep_probs)
     are overwritten every step and need no saving. Every process builds the same values
-    from the seed; :func:`replicate` makes them global arrays.
+    from the seed; :func:`pod.replicate` makes them global arrays.
     """
     params_key, _ = jax.random.split(jax.random.key(config.seed))
     # Built eagerly: ResNet's constructor needs a concrete keep_prob (it cannot run under jit).
@@ -219,13 +203,6 @@ def init_state(config: Config) -> tuple[nnx.GraphDef, dict[str, Any], Any]:
         "step": jnp.zeros((), jnp.int32),
     }
     return graphdef, state, other
-
-
-def replicate(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-    """``tree``, which every process holds alike, as global arrays: each process fills its own devices."""
-    return jax.tree.map(
-        lambda value: jax.make_array_from_callback(value.shape, sharding, lambda index: value[index]), tree
-    )
 
 
 def make_train_step(
@@ -279,35 +256,18 @@ def make_train_step(
     return train_step
 
 
-@functools.cache
+_JITTED_STEPS: dict[tuple[Config, bool], Callable[..., Any]] = {}
+
+
 def jitted_train_step(config: Config, graphdef: nnx.GraphDef, with_masks: bool) -> Callable[..., Any]:
-    """:func:`make_train_step`, jitted once per configuration (a resumed run in the same process reuses it)."""
-    return jax.jit(make_train_step(config, graphdef, with_masks=with_masks), donate_argnums=0)
+    """:func:`make_train_step`, jitted once per configuration (a resumed run in the same process reuses it).
 
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def checkpoint_manager(directory: str | os.PathLike[str]) -> ocp.CheckpointManager:
-    """Orbax's manager, keeping the last two checkpoints.
-
-    ``directory`` is a local path or a URL orbax understands (``gs://bucket/run``): on
-    several hosts, one place they all reach.
+    Keyed by the configuration, which determines ``graphdef``.
     """
-    location = os.fspath(directory)
-    if "://" not in location:
-        location = os.path.abspath(location)
-    return ocp.CheckpointManager(location, options=ocp.CheckpointManagerOptions(max_to_keep=2))
-
-
-def restore_or_keep(manager: ocp.CheckpointManager, state: dict[str, Any]) -> dict[str, Any]:
-    """The latest checkpoint laid out like ``state`` (same shardings), or ``state`` when there is none."""
-    latest = manager.latest_step()
-    if latest is None:
-        return state
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    return manager.restore(latest, args=ocp.args.StandardRestore(target))
+    key = (config, with_masks)
+    if key not in _JITTED_STEPS:
+        _JITTED_STEPS[key] = jax.jit(make_train_step(config, graphdef, with_masks=with_masks), donate_argnums=0)
+    return _JITTED_STEPS[key]
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,7 +283,7 @@ def train(
     log: Callable[[str], None] | None = print,
     with_masks: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Trains to ``config.steps`` (or until ``stop_after``), resuming from ``checkpoint_dir`` if it holds one.
+    """Trains to ``config.steps`` (or ``stop_after``, or a SIGTERM), resuming from ``checkpoint_dir`` if it holds one.
 
     Returns the final train state and, for every step run, its metrics as Python
     numbers (the loss, the keep_prob, the kept fraction of each place) and, with
@@ -331,24 +291,18 @@ def train(
     """
     devices = jax.device_count()
     processes = jax.process_count()
-    if config.global_batch % devices or config.global_batch % processes:
-        raise ValueError(
-            f"global_batch must be a multiple of the device count ({devices}) and of the process "
-            f"count ({processes}), got {config.global_batch}."
-        )
-    mesh = jax.make_mesh((devices,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
-    replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-    local_batch = config.global_batch // processes
+    local_batch = pod.check_global_batch(config.global_batch)
+    replicated, batched = pod.data_shardings()
     images, labels = load_host_slice(jax.process_index(), processes, config.image_scale)
     if len(images) < local_batch:
         raise ValueError(f"global_batch {config.global_batch} is larger than the {len(images) * processes} records.")
 
     graphdef, state, other = init_state(config)
-    state, other = replicate((state, other), replicated)
+    state, other = pod.replicate((state, other), replicated)
     step_fn = jitted_train_step(config, graphdef, with_masks)
-    manager = None if checkpoint_dir is None else checkpoint_manager(checkpoint_dir)
+    manager = None if checkpoint_dir is None else pod.checkpoint_manager(checkpoint_dir)
     if manager is not None:
-        state = restore_or_keep(manager, state)
+        state = pod.restore_or_keep(manager, state)
     say = log if (log is not None and jax.process_index() == 0) else (lambda line: None)
     first = int(state["step"])
     last = config.steps if stop_after is None else min(stop_after, config.steps)
@@ -358,20 +312,26 @@ def train(
     )
     history = []
     start = time.perf_counter()
-    for step in range(first, last):
-        rows = local_batch_indices(step, len(images), local_batch, config.seed, jax.process_index())
-        batch = global_batch(batched, images[rows], labels[rows])
-        state, metrics = step_fn(state, other, *batch)
-        if manager is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == last):
-            manager.save(step + 1, args=ocp.args.StandardSave(state))
-        masks = metrics.pop("masks", None)
-        record = jax.tree.map(float, metrics)
-        if masks is not None:
-            record["masks"] = jax.tree.map(np.asarray, masks)
-        history.append(record)
-        if (step + 1) % log_every == 0 or step + 1 == last:
-            kept = " ".join(f"{label}={value:.3f}" for label, value in record["kept_fraction"].items())
-            say(f"step {step + 1:4d} loss {record['loss']:.4f} keep_prob {record['keep_prob']:.3f} kept: {kept}")
+    with pod.Preemption() as preemption:
+        for step in range(first, last):
+            rows = local_batch_indices(step, len(images), local_batch, config.seed, jax.process_index())
+            batch = pod.global_batch(batched, (images[rows], labels[rows]))
+            state, metrics = step_fn(state, other, *batch)
+            # Every process asks at every step, so that all stop after the same one.
+            preempted = preemption.reached(step)
+            if manager is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == last or preempted):
+                manager.save(step + 1, args=ocp.args.StandardSave(state), force=preempted)
+            masks = metrics.pop("masks", None)
+            record = jax.tree.map(float, metrics)
+            if masks is not None:
+                record["masks"] = jax.tree.map(np.asarray, masks)
+            history.append(record)
+            if (step + 1) % log_every == 0 or step + 1 == last or preempted:
+                kept = " ".join(f"{label}={value:.3f}" for label, value in record["kept_fraction"].items())
+                say(f"step {step + 1:4d} loss {record['loss']:.4f} keep_prob {record['keep_prob']:.3f} kept: {kept}")
+            if preempted:
+                say(f"SIGTERM: saved step {step + 1}, stopping")
+                break
     if manager is not None:
         manager.wait_until_finished()
         manager.close()
@@ -380,72 +340,7 @@ def train(
 
 
 # ----------------------------------------------------------------------------------------
-# Processes: one per host on a cluster, or several on this machine.
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (the OS picks it)."""
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return int(probe.getsockname()[1])
-
-
-def simulate_hosts(count: int, devices_per_host: int, argv: Sequence[str], timeout: float) -> int:
-    """Runs this script as ``count`` local processes, ``devices_per_host`` CPU devices each.
-
-    They meet through ``jax.distributed`` on a free localhost port and talk through
-    gloo, the CPU collectives. Returns the first non-zero exit status, or 0; when one
-    process fails or the time runs out, the others are stopped.
-    """
-    port = free_port()
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_per_host}".strip()
-    children = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                *argv,
-                *("--coordinator", f"localhost:{port}", "--num-processes", str(count), "--process-id", str(index)),
-            ],
-            env=env,
-        )
-        for index in range(count)
-    ]
-    deadline = time.monotonic() + timeout
-    status = 0
-    try:
-        while any(child.poll() is None for child in children):
-            failed = [child.returncode for child in children if child.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                status = failed[0] if failed else 124
-                break
-            time.sleep(0.1)
-        else:
-            status = next((child.returncode for child in children if child.returncode), 0)
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-    if status == 124:
-        print(f"--simulate-hosts: the processes did not finish within {timeout:.0f} s", file=sys.stderr)
-    return status
-
-
-def _without_option(argv: Sequence[str], option: str) -> list[str]:
-    """``argv`` less ``option`` and its value (``option VALUE`` or ``option=VALUE``)."""
-    kept: list[str] = []
-    skip_value = False
-    for word in argv:
-        if skip_value:
-            skip_value = False
-        elif word == option:
-            skip_value = True
-        elif not word.startswith(f"{option}="):
-            kept.append(word)
-    return kept
+# The command line.
 
 
 def _positive_int(text: str) -> int:
@@ -504,14 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.simulate_hosts:
-        passed_on = _without_option(argv, "--simulate-hosts")
-        return simulate_hosts(args.simulate_hosts, args.devices_per_host, passed_on, args.timeout)
-    if args.coordinator is not None:
-        # CPU processes exchange the step's all-reduces through gloo.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
-    elif args.distributed:
-        jax.distributed.initialize()
+        passed_on = pod.without_option(argv, "--simulate-hosts")
+        return pod.simulate_hosts(__file__, args.simulate_hosts, args.devices_per_host, passed_on, args.timeout)
+    pod.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
     config = Config(
         steps=args.steps,
         global_batch=args.global_batch,

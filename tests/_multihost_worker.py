@@ -44,6 +44,7 @@ import dropblock_jax.equinox as dbx  # noqa: E402
 from dropblock_jax import DropBlock, block_mask, drop_block  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+import pod  # noqa: E402
 import train as example  # noqa: E402
 
 AXIS = "data"
@@ -188,7 +189,8 @@ STEPS = (1, 2)  # keep_prob 0.9 then 0.8: traced values of one compiled step
 
 def check_nnx_resnet_train_step() -> dict:
     """The example's NNX ResNet step (DropBlock at the paper's places, set_stage_keep_probs)."""
-    config = example.Config(steps=4, global_batch=16, keep_prob=0.6, widths=(4, 8), block_size=BLOCK)
+    # Five steps: the example's schedule reaches 0.6 at step 4, as SCHEDULE does.
+    config = example.Config(steps=5, global_batch=16, keep_prob=0.6, widths=(4, 8), block_size=BLOCK)
     images, labels = _images(16, 12, 1)
     mesh = _mesh()
     replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
@@ -200,7 +202,7 @@ def check_nnx_resnet_train_step() -> dict:
         step_fn = example.make_train_step(config, graphdef, with_masks=True)
         if name == "sharded":
             step_fn = jax.jit(_counted(step_fn, traces))
-            state, model_other = example.replicate((initial, other), replicated)
+            state, model_other = pod.replicate((initial, other), replicated)
             x, y = _from_process_rows(images, batch), _from_process_rows(labels, batch)
         else:
             step_fn = jax.jit(step_fn)
@@ -300,7 +302,7 @@ def _run_steps(train_step, state, images, labels, traces) -> dict:
     runs = {}
     for name in ("sharded", "one_process"):
         if name == "sharded":
-            current = example.replicate(state, replicated)
+            current = pod.replicate(state, replicated)
             x, y = _from_process_rows(images, batch), _from_process_rows(labels, batch)
             step_fn = jax.jit(_counted(train_step, traces))
         else:

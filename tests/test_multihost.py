@@ -187,8 +187,7 @@ def test_train_example_on_two_simulated_hosts_logs_and_checkpoints(tmp_path):
     # Only process 0 logs: one line a step, with the loss and the kept fraction of every place.
     steps = re.findall(r"^step +(\d+) loss (\S+) keep_prob (\S+) kept: (.*)$", result.stdout, flags=re.MULTILINE)
     assert [step for step, *_ in steps] == ["1", "2", "3"], result.stdout
-    places = ["stage0/block0/drop1", "stage0/block0/drop2"]
-    places += ["stage1/block0/drop1", "stage1/block0/drop2", "stage1/block0/proj_drop"]
+    places = [f"stage{s}/block0/{name}" for s in (0, 1) for name in ("drop1", "drop2", "shortcut_drop")]
     for _, loss, keep_prob, kept in steps:
         assert float(loss) > 0 and 0.5 < float(keep_prob) <= 1.0
         kept = dict(word.split("=") for word in kept.split())

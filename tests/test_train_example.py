@@ -1,4 +1,4 @@
-"""``examples/train.py`` on one process: a run stopped and resumed from its checkpoint is the unbroken run.
+"""``examples/train.py`` on one process: a run stopped or sent SIGTERM, then resumed, is the unbroken run.
 
 No XLA setting is needed for this on CPU: a compiled program run on the same inputs
 gives the same bits (the suite's ``--xla_backend_optimization_level=0`` is not needed
@@ -6,7 +6,9 @@ either; it only shortens the compile). The three runs share one compiled step, a
 restarted process would compile the same program again.
 """
 
+import os
 import pathlib
+import signal
 import sys
 
 import jax
@@ -17,11 +19,13 @@ from flax import nnx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+import pod  # noqa: E402
 import train as example  # noqa: E402
 
 # Steps 0..5 of a schedule 1 -> 0.7; stopped after step 3 (as if preempted), checkpoints every 2 steps.
 CONFIG = example.Config(steps=6, global_batch=16, keep_prob=0.7, widths=(4, 8))
 STOP = 3
+SIGTERM_STEP = 2
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +38,24 @@ def runs(tmp_path_factory):
     before = train(folder, stop_after=STOP)
     after = train(folder)
     return unbroken, before, after, folder
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(tmp_path_factory):
+    # SIGTERM arrives while step SIGTERM_STEP is logged (log_every=1), as a preemption notice
+    # between two steps would: the next step finishes, is saved, and the run returns.
+    folder = tmp_path_factory.mktemp("sigterm")
+
+    def log(line):
+        if line.startswith(f"step {SIGTERM_STEP:4d} "):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    before = example.train(CONFIG, folder, checkpoint_every=100, log_every=1, log=log, with_masks=True)
+    # The handler the run installed is gone again.
+    assert signal.getsignal(signal.SIGTERM) is handler
+    after = example.train(CONFIG, folder, checkpoint_every=100, log=None, with_masks=True)
+    return before, after, folder
 
 
 def test_a_stopped_run_checkpoints_where_it_stopped(runs):
@@ -52,12 +74,41 @@ def test_resumed_run_ends_with_the_unbroken_runs_parameters_bit_for_bit(runs):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_sigterm_saves_the_step_reached_and_the_rerun_ends_as_the_unbroken_run(runs, sigterm_run):
+    (unbroken_state, unbroken), _, _, _ = runs
+    (_, before), (resumed_state, after), folder = sigterm_run
+    stopped = SIGTERM_STEP + 1
+    assert len(before) == stopped
+    assert len(after) == CONFIG.steps - stopped
+    # The SIGTERM's checkpoint and the end's (checkpoint_every=100 saves no other).
+    assert sorted(int(p.name) for p in folder.iterdir()) == [stopped, CONFIG.steps]
+    assert [r["loss"] for r in before + after] == [r["loss"] for r in unbroken]
+    for a, b in zip(jax.tree.leaves(unbroken_state), jax.tree.leaves(resumed_state)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_keep_prob_schedule_reaches_its_target_at_the_last_step(runs):
+    (_, unbroken), _, _, _ = runs
+    # 1 - (step / (steps - 1)) * (1 - target), written out in float32 for steps 0..5.
+    steps = np.arange(CONFIG.steps, dtype=np.float32)
+    expected = np.float32(1) - steps / np.float32(CONFIG.steps - 1) * (np.float32(1) - np.float32(CONFIG.keep_prob))
+    assert [r["keep_prob"] for r in unbroken] == expected.tolist()
+    assert unbroken[-1]["keep_prob"] == np.float32(CONFIG.keep_prob)
+    assert unbroken[0]["keep_prob"] == 1.0
+
+
+def test_a_one_step_run_uses_the_target():
+    assert float(pod.linear_keep_prob(0, 1, 0.8)) == np.float32(0.8)
+    # Past the last step the schedule holds the target.
+    assert float(pod.linear_keep_prob(9, 6, 0.8)) == np.float32(0.8)
+
+
 def test_resumed_run_draws_the_unbroken_runs_masks(runs):
     (_, unbroken), (_, before), (_, after), _ = runs
     for step, (expected, got) in enumerate(zip(unbroken, before + after)):
         assert got["keep_prob"] == expected["keep_prob"], step
         assert got["loss"] == expected["loss"], step
-        assert list(got["masks"]) == list(expected["masks"]) and len(got["masks"]) == 5
+        assert list(got["masks"]) == list(expected["masks"]) and len(got["masks"]) == 6
         for place, mask in got["masks"].items():
             assert np.array_equal(mask, expected["masks"][place]), (step, place)
     # The masks of the schedule's later steps drop something, and differ from step to step.
@@ -75,9 +126,10 @@ def test_the_logged_kept_fraction_is_the_fraction_of_the_mask(runs):
 
 
 def test_the_masks_are_the_ones_the_layers_apply():
-    # Where a DropBlock follows a batch norm with no ReLU (drop2, proj_drop), its output
-    # is zero exactly where its mask drops; drop2's batch norm starts at zero scale, so
-    # every scale is set to one first.
+    # Where a DropBlock follows a batch norm with no ReLU (drop2, the projection's
+    # shortcut_drop), its output is zero exactly where its mask drops; drop2's batch norm
+    # starts at zero scale, so every scale is set to one first. (Stage 0's identity
+    # shortcut carries the stem's ReLU output, zero in places already.)
     graphdef, state, other = example.init_state(CONFIG)
 
     @jax.jit
@@ -99,7 +151,7 @@ def test_the_masks_are_the_ones_the_layers_apply():
         return outputs, example.forward_with_masks(model, images)[1]
 
     outputs, masks = outputs_and_masks(state, other, jax.random.normal(jax.random.key(0), (4, 16, 16, 1)))
-    checked = [label for label in masks if not label.endswith("drop1")]
+    checked = [label for label in masks if label.endswith("drop2") or label == "stage1/block0/shortcut_drop"]
     assert len(checked) == 3
     for label in checked:
         assert np.array_equal(np.asarray(outputs[label]) != 0, np.asarray(masks[label])), label
@@ -107,7 +159,7 @@ def test_the_masks_are_the_ones_the_layers_apply():
 
 
 def test_each_process_reads_its_own_equal_slice():
-    slices = [example.host_records(1600, p, 3) for p in range(3)]
+    slices = [pod.host_records(1600, p, 3, drop_remainder=True) for p in range(3)]
     assert [(s.start, s.stop) for s in slices] == [(0, 533), (533, 1066), (1066, 1599)]
     images, labels = example.load_host_slice(1, 2, image_scale=2)
     assert images.shape == (800, 16, 16, 1) and labels.shape == (800,)
@@ -125,4 +177,4 @@ def test_batches_are_a_function_of_the_step():
 
 def test_simulated_hosts_get_the_command_line_without_the_option_that_spawned_them():
     argv = ["--steps", "3", "--simulate-hosts", "2", "--seed=1", "--simulate-hosts=4"]
-    assert example._without_option(argv, "--simulate-hosts") == ["--steps", "3", "--seed=1"]
+    assert pod.without_option(argv, "--simulate-hosts") == ["--steps", "3", "--seed=1"]
