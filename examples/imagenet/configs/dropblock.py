@@ -1,0 +1,11 @@
+"""ResNet-50 with DropBlock (block 7, keep_prob 0.9 scheduled from 1, groups 3 and 4): the paper's Table 1 row."""
+
+import ml_collections
+from configs import baseline
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The baseline with DropBlock at the authors' 36 places."""
+    config = baseline.get_config()
+    config.regularizer = "dropblock"
+    return config

@@ -1,0 +1,11 @@
+"""ResNet-50 with DropBlock and label smoothing 0.1: the paper's Table 1 row with both."""
+
+import ml_collections
+from configs import dropblock
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """DropBlock's configuration with labels smoothed by 0.1."""
+    config = dropblock.get_config()
+    config.label_smoothing = 0.1
+    return config
