@@ -435,3 +435,27 @@ def test_inference_dropblock_perturbs_an_eval_resnet50_and_is_off_at_keep_1():
 
     np.testing.assert_allclose(forward(model, np.float32(1.0)), model(images), rtol=1e-5, atol=1e-6)
     assert not np.allclose(forward(model, np.float32(0.5)), model(images), rtol=1e-3)
+
+
+def test_every_convolution_pads_as_the_authors_fixed_padding_whatever_its_stride():
+    # conv2d_fixed_padding: (k - 1) // 2 before and k // 2 after; "SAME" would pad a strided
+    # 3x3 convolution (0, 1) on an even map.
+    model = abstract_resnet(50, base_width=4)
+    convs = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Conv)]
+    assert len(convs) == 53  # the stem, 16 blocks of three, 4 projections
+    for conv in convs:
+        assert [tuple(p) for p in conv.padding] == [((k - 1) // 2, k // 2) for k in conv.kernel_size]
+    assert {tuple(conv.kernel_size) for conv in convs if conv.strides == 2} == {(7, 7), (3, 3), (1, 1)}
+
+
+def test_the_stem_max_pool_is_3x3_stride_2_with_tensorflows_same_padding():
+    model = abstract_resnet(50, base_width=4)
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(
+        state, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    )
+    pools = [e.params for e in jaxpr.jaxpr.eqns if e.primitive.name == "reduce_window_max"]
+    # SAME at 112 -> 56: one row and column of padding, after.
+    assert [(p["window_dimensions"], p["window_strides"], p["padding"]) for p in pools] == [
+        ((1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (0, 1), (0, 1), (0, 0)))
+    ]
