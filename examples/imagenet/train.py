@@ -388,7 +388,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     replicated, batched = pod.data_shardings()
     trainer = Trainer(config, len(info["classes"]), info["train"])
     state, other = trainer.initial_state(replicated)
-    manager = pod.checkpoint_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+    checkpoints = config.checkpoint_dir or workdir / "checkpoints"
+    manager = pod.checkpoint_manager(checkpoints, max_to_keep=config.keep_checkpoints)
     state = pod.restore_or_keep(manager, state)
     first, last = int(state["step"]), trainer.steps
     debug = workdir / "debug" if config.debug_dumps else None

@@ -53,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 2500  # 0: only at the end
     config.checkpoint_every_steps = 2500
     config.keep_checkpoints = 2
+    # "": WORKDIR/checkpoints. On several hosts, a place they all reach (gs://bucket/run, a shared disk).
+    config.checkpoint_dir = ""
     config.profile_first_step = 20  # jax.profiler trace of profile_steps steps from this step
     config.profile_steps = 0  # 0: no trace
     config.debug_dumps = False  # record ids read and eval predictions, in WORKDIR/debug (for checks)
