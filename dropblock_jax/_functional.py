@@ -138,9 +138,16 @@ def _drop_block(
     else:
         scale = jnp.ones((), compute_dtype)
     scale = jnp.where(jnp.isnan(keep), jnp.nan, scale)
-    scaled = (x.astype(compute_dtype) * scale).astype(x.dtype)
-    # A select, not a product: dropped units are exactly zero even where x is inf or NaN.
-    return jnp.where(mask.kept(), scaled, jnp.zeros((), x.dtype))
+    kept = mask.kept()
+    zero = jnp.zeros((), compute_dtype)
+    # Selects, not a product with the mask: dropped units are exactly zero even where x
+    # (or the scale) is inf or NaN, and kept units are x * scale, rounded once to x's dtype.
+    # The product comes last so that its transpose, the backward pass, scales the incoming
+    # gradient before it selects: with the select first, XLA's CPU fusion recomputes the
+    # gradient of a residual stream whose shortcuts are dropped inside each of its three
+    # consumers in every block (a float32 ResNet-50 train step with DropBlock at the
+    # authors' 36 places then accesses 11% more bytes than without DropBlock, not 3%).
+    return (jnp.where(kept, x.astype(compute_dtype), zero) * jnp.where(kept, scale, zero)).astype(x.dtype)
 
 
 def _check_axis_name_is_bound(axis_name: Hashable | None) -> None:
