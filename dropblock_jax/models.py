@@ -217,7 +217,7 @@ def _layer_factories(
     def conv(in_features: int, out_features: int, kernel: tuple[int, int], strides: int = 1) -> nnx.Conv:
         # The authors' fixed padding, (k - 1) // 2 before and k // 2 after, whatever the stride;
         # "SAME" would pad a strided 3x3 convolution on one side only.
-        padding = [((k - 1) // 2, k // 2) for k in kernel]
+        padding = tuple(((k - 1) // 2, k // 2) for k in kernel)
         return nnx.Conv(
             in_features,
             out_features,

@@ -459,3 +459,10 @@ def test_the_stem_max_pool_is_3x3_stride_2_with_tensorflows_same_padding():
     assert [(p["window_dimensions"], p["window_strides"], p["padding"]) for p in pools] == [
         ((1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (0, 1), (0, 1), (0, 0)))
     ]
+
+
+def test_the_graphdef_is_hashable_so_it_can_be_a_static_jit_argument():
+    model = resnet(18, 10, base_width=4, rngs=nnx.Rngs(0))
+    graphdef, _ = nnx.split(model)
+    assert jax.jit(lambda x, g: x, static_argnums=1)(1.0, graphdef) == 1.0
+    assert hash(graphdef) == hash(nnx.split(resnet(18, 10, base_width=4, rngs=nnx.Rngs(1)))[0])
