@@ -424,3 +424,17 @@ def test_the_imagenet_extra_lists_the_examples_requirements():
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["imagenet"]
     lines = (EXAMPLE / "requirements.txt").read_text().splitlines()
     assert sorted(extra) == sorted(line for line in lines if line and not line.startswith("#"))
+
+
+def test_padding_rows_count_for_nothing_even_when_predicted_right():
+    # Six classes; rows 0-3 real, rows 4-5 padding whose logits point at their label.
+    labels = np.array([0, 1, 2, 3, 4, 5])
+    logits = np.full((6, 6), -1.0, np.float32)
+    logits[np.arange(6), labels] = 5.0  # every row's top-1 is its label ...
+    logits[1] = np.arange(6)[::-1]  # ... but row 1's: class 0 first, its label 1 second
+    logits[2] = np.arange(6)  # row 2: its label 2 is the 4th largest, so within the top 5
+    logits[3] = np.arange(6)[::-1]  # row 3: label 3 is the 4th, in the top 5
+    mask = np.array([True, True, True, True, False, False])
+    counts = {name: int(value) for name, value in trainer.correct_counts(logits, labels, mask).items()}
+    # Recounted by hand: top-1 right for row 0 only; top-5 for rows 0, 1, 2 and 3.
+    assert counts == {"top1": 1, "top5": 4, "eval_images": 4}

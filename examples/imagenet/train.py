@@ -220,6 +220,20 @@ def normalize(images: jax.Array) -> jax.Array:
     return (images.astype(jnp.float32) - mean) / std
 
 
+def correct_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Top-1 and top-5 hits and the number of real images of one evaluation batch.
+
+    Rows whose ``mask`` is False pad the last batch to the global batch size; they count
+    for nothing, whatever the model predicts for them.
+    """
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {
+        "top1": jnp.sum((jnp.argmax(logits, axis=-1) == labels) & mask),
+        "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) & mask),
+        "eval_images": jnp.sum(mask),
+    }
+
+
 class Trainer:
     """The model's structure, the optimizer and the jitted train and eval steps of one configuration.
 
@@ -298,14 +312,7 @@ class Trainer:
         model = self._model(state["params"], state, other)
         model.eval()
         logits = model(normalize(batch["image"]))
-        labels, mask = batch["label"], batch["mask"]
-        top5 = jax.lax.top_k(logits, min(5, self.num_classes))[1]
-        counts = {
-            "top1": jnp.sum((jnp.argmax(logits, axis=-1) == labels) & mask),
-            "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) & mask),
-            "eval_images": jnp.sum(mask),
-        }
-        return counts, logits
+        return correct_counts(logits, batch["label"], batch["mask"]), logits
 
 
 # ----------------------------------------------------------------------------------------
