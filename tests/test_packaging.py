@@ -123,7 +123,7 @@ def test_the_wheel_installs_and_runs_with_only_the_runtime_dependencies(dist, tm
     python = env / "bin" / "python"
     # The test environment's pip installs into the fresh one: the wheel and what its
     # metadata requires, no extras.
-    _run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", wheel)
+    _run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-compile", wheel)
     check = textwrap.dedent(
         f"""
         import importlib.util
