@@ -212,6 +212,12 @@ def test_the_model_can_be_built_under_jit_and_eval_shape():
 TORCHVISION_PARAMETERS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032}
 
 
+@pytest.fixture(scope="module")
+def built_resnet50():
+    """One narrow ResNet-50 with parameters (building one takes seconds); tests take clones."""
+    return resnet(50, 10, base_width=4, keep_prob=1.0, dtype=jnp.bfloat16, rngs=nnx.Rngs(params=0, dropout=1))
+
+
 def abstract_resnet(depth, **kwargs):
     return nnx.eval_shape(lambda: resnet(depth, rngs=nnx.Rngs(params=0, dropout=1), **kwargs))
 
@@ -255,8 +261,8 @@ def dropblocks_by_group(model):
     return groups
 
 
-def test_resnet50_has_dropblock_at_the_authors_36_places_with_the_group_keep_probs():
-    model = resnet(50, 10, base_width=4, keep_prob=1.0, rngs=nnx.Rngs(params=0, dropout=1))
+def test_resnet50_has_dropblock_at_the_authors_36_places_with_the_group_keep_probs(built_resnet50):
+    model = nnx.clone(built_resnet50)
     groups = dropblocks_by_group(model)
     # Groups 3 and 4 (stages 2 and 3): every block's three branch norms and its shortcut.
     assert sorted(groups) == [2, 3]
@@ -338,8 +344,8 @@ def test_the_stem_halves_twice_and_the_first_block_of_groups_2_to_4_halves_again
     }
 
 
-def test_the_last_batch_norm_of_every_block_starts_at_zero_scale_and_the_head_is_small():
-    model = resnet(50, 10, base_width=4, rngs=nnx.Rngs(params=0, dropout=1))
+def test_the_last_batch_norm_of_every_block_starts_at_zero_scale_and_the_head_is_small(built_resnet50):
+    model = nnx.clone(built_resnet50)
     for stage in model.stages:
         for block in stage:
             np.testing.assert_array_equal(block.bn3.scale[...], 0.0)
@@ -349,8 +355,8 @@ def test_the_last_batch_norm_of_every_block_starts_at_zero_scale_and_the_head_is
     assert float(jnp.std(model.head.kernel[...])) == pytest.approx(0.01, rel=0.25)
 
 
-def test_a_traced_schedule_traces_the_resnet50_step_once_and_eval_is_deterministic():
-    model = resnet(50, 10, base_width=4, keep_prob=1.0, dtype=jnp.bfloat16, rngs=nnx.Rngs(params=0, dropout=1))
+def test_a_traced_schedule_traces_the_resnet50_step_once_and_eval_is_deterministic(built_resnet50):
+    model = nnx.clone(built_resnet50)
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     traces = []
 
