@@ -138,7 +138,7 @@ def _drop_block(
     else:
         scale = jnp.ones((), compute_dtype)
     scale = jnp.where(jnp.isnan(keep), jnp.nan, scale)
-    kept = mask.kept()
+    kept = mask.kept(x.shape)
     zero = jnp.zeros((), compute_dtype)
     # Selects, not a product with the mask: dropped units are exactly zero even where x
     # (or the scale) is inf or NaN, and kept units are x * scale, rounded once to x's dtype.

@@ -140,11 +140,22 @@ class PackedMask:
         """Flags a word holds (see :func:`flags_per_word`)."""
         return flags_per_word(self.size, self.axis)
 
-    def kept(self) -> jax.Array:
-        """The boolean mask, True = kept; cheap to fuse into the pass that applies it."""
+    def kept(self, shape: tuple[int, ...] | None = None) -> jax.Array:
+        """The boolean mask, True = kept; cheap to fuse into the pass that applies it.
+
+        With ``shape`` (the array's, which the mask broadcasts to), the flags are
+        unpacked at that shape: a shared mask then reaches the pass that applies it as
+        an elementwise function of its words rather than as a broadcast, which XLA's CPU
+        fusion would duplicate into every consumer of a residual stream's gradient.
+        """
         repeated = jnp.repeat(self.dropped_bits, self.per_word, axis=self.axis)
+        if shape is not None and tuple(shape) != self.mask_shape:
+            # Broadcast axes are not packed, so the mask has the array's rank and axes here.
+            repeated = jnp.broadcast_to(repeated, shape)
+        # An iota of the full shape: shifting a broadcast by a broadcast would fold back into
+        # a broadcast of the mask.
         bit = lax.broadcasted_iota(WORD_DTYPE, repeated.shape, self.axis) % WORD_DTYPE(self.per_word)
-        return ((repeated >> bit) & 1 == 0).reshape(self.mask_shape)
+        return ((repeated >> bit) & 1 == 0).reshape(self.mask_shape if shape is None else shape)
 
     @property
     def num_entries(self) -> int:
