@@ -67,3 +67,28 @@ else:
         database=DirectoryBasedExampleDatabase(Path(__file__).parent.parent / ".pytest_cache" / "hypothesis"),
     )
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# What a port of a dropout layer passes: a positional rate (and block size), or another
+# library's name for the rate. Spelt out here rather than read from dropblock_jax._porting,
+# so that a name dropped there fails these tests.
+PORTED_CALLS = [
+    ((0.1,), {}, "the positional argument 0.1"),
+    ((0.1, 7), {}, "the positional arguments 0.1, 7"),
+    ((), {"rate": 0.1}, "rate=0.1"),
+    ((), {"drop_prob": 0.1}, "drop_prob=0.1"),
+    ((), {"p": 0.1}, "p=0.1"),
+    ((), {"drop_rate": 0.1}, "drop_rate=0.1"),
+]
+
+
+def assert_keep_prob_conversion_error(build, layer_name, received):
+    """``build()`` raises the TypeError that converts the ported ``received`` to keep_prob = 1 - rate."""
+    import pytest
+
+    with pytest.raises(TypeError) as info:
+        build()
+    message = str(info.value)
+    assert message.startswith(f"{layer_name} got {received}, but it takes keep_prob"), message
+    assert "by keyword" in message and "keep_prob = 1 - r" in message, message
+    assert f"{layer_name}(keep_prob=0.9)" in message, message

@@ -14,9 +14,8 @@ import optax
 import pytest
 from test_mask import _is_union_of_blocks
 
-from conftest import DROP_BLOCK_OPTION_DEFAULTS
+from conftest import DROP_BLOCK_OPTION_DEFAULTS, PORTED_CALLS, assert_keep_prob_conversion_error
 from dropblock_jax import drop_block
-from dropblock_jax._porting import PORTED_RATE_NAMES
 from dropblock_jax.equinox import DropBlock
 
 PYPROJECT = tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
@@ -51,21 +50,10 @@ def test_signature_follows_the_contract():
         assert params[name].kind is params[name].KEYWORD_ONLY and params[name].default is None
 
 
-@pytest.mark.parametrize(
-    ("args", "kwargs", "received"),
-    [
-        ((0.1,), {}, "the positional argument 0.1"),
-        ((0.1, 7), {}, "the positional arguments 0.1, 7"),
-        *(((), {name: 0.1}, f"{name}=0.1") for name in PORTED_RATE_NAMES),
-    ],
-)
+@pytest.mark.parametrize(("args", "kwargs", "received"), PORTED_CALLS)
 def test_a_dropout_style_rate_is_refused_with_keep_prob_one_minus_rate(args, kwargs, received):
     # DropBlock(0.1) would keep 10% where eqx.nn.Dropout(0.1) drops 10%.
-    with pytest.raises(TypeError) as info:
-        DropBlock(*args, **kwargs)
-    message = str(info.value)
-    assert message.startswith(f"DropBlock got {received}, but it takes keep_prob")
-    assert "keep_prob = 1 - r" in message and "DropBlock(keep_prob=0.9)" in message
+    assert_keep_prob_conversion_error(lambda: DropBlock(*args, **kwargs), "DropBlock", received)
 
 
 def _tutorial_step(tx, filter_spec, schedule=None):

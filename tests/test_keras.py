@@ -14,9 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import assert_mean_matches
+from conftest import PORTED_CALLS, assert_keep_prob_conversion_error, assert_mean_matches
 from dropblock_jax import drop_block
-from dropblock_jax._porting import PORTED_RATE_NAMES
 from dropblock_jax.keras import DropBlock, KeepProbScheduler, set_keep_prob
 
 PYPROJECT = tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
@@ -371,21 +370,10 @@ def test_set_keep_prob_counts_layers_and_refuses_a_model_without_any():
         set_keep_prob(outer, 1.5)
 
 
-@pytest.mark.parametrize(
-    ("args", "kwargs", "received"),
-    [
-        ((0.1,), {}, "the positional argument 0.1"),
-        ((0.1, 7), {}, "the positional arguments 0.1, 7"),
-        *(((), {name: 0.1, "block_size": 3}, f"{name}=0.1") for name in PORTED_RATE_NAMES),
-    ],
-)
+@pytest.mark.parametrize(("args", "kwargs", "received"), PORTED_CALLS)
 def test_a_dropout_style_rate_is_refused_with_keep_prob_one_minus_rate(args, kwargs, received):
     # keras.layers.Dropout(0.1) drops 10%; DropBlock(0.1) would keep 10%.
-    with pytest.raises(TypeError) as info:
-        DropBlock(*args, **kwargs)
-    message = str(info.value)
-    assert message.startswith(f"DropBlock got {received}, but it takes keep_prob")
-    assert "keep_prob = 1 - r" in message and "DropBlock(keep_prob=0.9)" in message
+    assert_keep_prob_conversion_error(lambda: DropBlock(*args, **kwargs), "DropBlock", received)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from flax import errors
 from flax import linen as nn
 
 import dropblock_jax
+from conftest import PORTED_CALLS, assert_keep_prob_conversion_error
 from dropblock_jax import DropBlock, drop_block
 
 X = jax.random.normal(jax.random.key(42), (2, 8, 8, 3))
@@ -74,25 +75,11 @@ class _Subclass(DropBlock):
     extra: int = 0
 
 
-@pytest.mark.parametrize(
-    "args, kwargs, received",
-    [
-        ((0.1,), {}, "the positional argument 0.1"),
-        ((0.1, 7), {}, "the positional arguments 0.1, 7"),
-        ((), {"rate": 0.1}, "rate=0.1"),
-        ((), {"drop_prob": 0.1}, "drop_prob=0.1"),
-        ((), {"p": 0.1}, "p=0.1"),
-        ((), {"drop_rate": 0.1}, "drop_rate=0.1"),
-    ],
-)
+@pytest.mark.parametrize(("args", "kwargs", "received"), PORTED_CALLS)
 @pytest.mark.parametrize("layer", [DropBlock, nn.remat(DropBlock), _Subclass], ids=["DropBlock", "remat", "subclass"])
 def test_a_ported_drop_rate_gets_the_keep_prob_conversion(layer, args, kwargs, received):
     # DropBlock(0.1) would keep 10% where nn.Dropout(0.1) drops 10%.
-    with pytest.raises(TypeError) as info:
-        layer(*args, **kwargs)
-    message = str(info.value)
-    assert message.startswith(f"{layer.__name__} got {received}, but it takes keep_prob"), message
-    assert "by keyword" in message and "keep_prob = 1 - r" in message, message
+    assert_keep_prob_conversion_error(lambda: layer(*args, **kwargs), layer.__name__, received)
 
 
 @pytest.mark.parametrize("arguments", BAD_LAYER_ARGUMENTS, ids=str)

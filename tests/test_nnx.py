@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 from test_linen import BAD_LAYER_ARGUMENTS, drop_block_error
 
+from conftest import PORTED_CALLS, assert_keep_prob_conversion_error
 from dropblock_jax import drop_block
 from dropblock_jax.nnx import DropBlock, set_keep_prob
 
@@ -118,24 +119,10 @@ def test_call_time_rngs_accept_every_key_drop_block_accepts():
     np.testing.assert_array_equal(layer(X, rngs=rbg), drop_block(rbg, X, 0.6, 3))
 
 
-@pytest.mark.parametrize(
-    "args, kwargs, received",
-    [
-        ((0.1,), {}, "the positional argument 0.1"),
-        ((0.1, 7), {}, "the positional arguments 0.1, 7"),
-        ((), {"rate": 0.1}, "rate=0.1"),
-        ((), {"drop_prob": 0.1}, "drop_prob=0.1"),
-        ((), {"p": 0.1}, "p=0.1"),
-        ((), {"drop_rate": 0.1}, "drop_rate=0.1"),
-    ],
-)
+@pytest.mark.parametrize(("args", "kwargs", "received"), PORTED_CALLS)
 def test_a_ported_drop_rate_gets_the_keep_prob_conversion(args, kwargs, received):
     # DropBlock(0.1) would keep 10% where nnx.Dropout(0.1) drops 10%.
-    with pytest.raises(TypeError) as info:
-        DropBlock(*args, **kwargs, rngs=nnx.Rngs(0))
-    message = str(info.value)
-    assert message.startswith(f"DropBlock got {received}, but it takes keep_prob"), message
-    assert "by keyword" in message and "keep_prob = 1 - r" in message, message
+    assert_keep_prob_conversion_error(lambda: DropBlock(*args, **kwargs, rngs=nnx.Rngs(0)), "DropBlock", received)
 
 
 @pytest.mark.parametrize("arguments", BAD_LAYER_ARGUMENTS, ids=str)
