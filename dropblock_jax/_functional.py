@@ -5,32 +5,27 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Hashable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 from jax.typing import ArrayLike, DTypeLike
 
-from dropblock_jax._geometry import (
+from dropblock_jax._checks import (
     GAMMA_MODES,
     NORMALIZE_MODES,
-    MaskLayout,
     check_axis_name,
+    check_axis_name_is_bound,
     check_choice,
-    is_int,
-    mask_layout,
+    check_floating,
+    check_key,
+    check_shape,
+    checked_probability,
+    concrete_value,
 )
-from dropblock_jax._mask import PackedMask, check_key, count_from_parts, count_parts, packed_block_mask
-from dropblock_jax._rates import checked_probability, concrete_value, gamma_for, keep_fraction
-
-# The keyword options of drop_block that a layer holds as attributes of the same names.
-LAYER_OPTIONS = ("spatial_axes", "broadcast_dims", "seed_region", "gamma", "normalize", "axis_name")
-
-
-def layer_options(layer: object) -> dict[str, Any]:
-    """The drop_block keyword options a layer holds, by name."""
-    return {name: getattr(layer, name) for name in LAYER_OPTIONS}
+from dropblock_jax._geometry import MaskLayout, mask_layout
+from dropblock_jax._mask import PackedMask, count_from_parts, count_parts, packed_block_mask
+from dropblock_jax._rates import gamma_for, keep_fraction
 
 
 def _layout(
@@ -51,34 +46,6 @@ def _layout(
         mask_layout(tuple(max(n, 1) for n in shape), block_size, spatial_axes, broadcast_dims, seed_region)
         return None
     return mask_layout(shape, block_size, spatial_axes, broadcast_dims, seed_region)
-
-
-# The dtypes x may have. The 8-, 6- and 4-bit floats are not among them: they are storage
-# formats for matrix-multiply operands with their scales kept elsewhere, JAX promotes
-# none of them, float8_e8m0fnu has no zero (a dropped unit could not be 0), several have
-# no inf, and 2 or 3 mantissa bits cannot hold the rescaled units.
-FLOATING_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
-
-
-# Any, not ArrayLike: objects with ``__jax_array__`` are accepted and pass through as they are.
-def _check_floating(x: Any) -> jax.Array:
-    # The dtype is read before any conversion: XLA cannot even hold some narrow floats
-    # (float6), so converting a NumPy array of them first would fail inside XLA.
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        x = jnp.asarray(x)
-        dtype = x.dtype
-    if jnp.dtype(dtype) not in FLOATING_DTYPES:
-        allowed = ", ".join(d.name for d in FLOATING_DTYPES)
-        hint = (
-            "; cast 8-, 6- and 4-bit floats to bfloat16 or float16 before DropBlock"
-            if jnp.issubdtype(dtype, jnp.floating)
-            else ""
-        )
-        raise TypeError(f"x must be a floating array ({allowed}), got dtype {dtype}{hint}.")
-    if not isinstance(x, jax.Array) and not hasattr(x, "__jax_array__"):
-        x = jnp.asarray(x)
-    return x
 
 
 def _mask_and_gamma(key: jax.Array, keep: jax.Array, layout: MaskLayout, gamma: str) -> tuple[PackedMask, jax.Array]:
@@ -145,23 +112,8 @@ def _drop_block(
     # The product comes last so that its transpose, the backward pass, scales the incoming
     # gradient before it selects: with the select first, XLA's CPU fusion recomputes the
     # gradient of a residual stream whose shortcuts are dropped inside each of its three
-    # consumers in every block (a float32 ResNet-50 train step with DropBlock at the
-    # authors' 36 places then accesses 11% more bytes than without DropBlock, not 3%).
+    # consumers in every block (docs/performance.md gives what that costs a ResNet-50 step).
     return (jnp.where(kept, x.astype(compute_dtype), zero) * jnp.where(kept, scale, zero)).astype(x.dtype)
-
-
-def _check_axis_name_is_bound(axis_name: Hashable | None) -> None:
-    """Raises a ValueError naming ``axis_name`` where JAX's psum would raise a NameError about psum."""
-    if axis_name is None:
-        return
-    try:
-        jax.lax.axis_size(axis_name)
-    except NameError as error:
-        raise ValueError(
-            f"axis_name {axis_name!r} is not bound here: normalize='batch' sums its counts over that "
-            "mapped axis, so call drop_block inside the jax.vmap, jax.pmap or shard_map that names it "
-            "(vmap(..., axis_name=...)), or pass axis_name=None."
-        ) from error
 
 
 def drop_block(
@@ -237,13 +189,13 @@ def drop_block(
       NeurIPS 2018 (arXiv 1810.12890), Algorithm 1.
     """
     key = check_key(key)
-    x = _check_floating(x)
+    x = check_floating(x)
     keep = checked_probability("keep_prob", keep_prob)
     layout = _layout(x.shape, block_size, spatial_axes, broadcast_dims, seed_region, gamma)
     check_choice("normalize", normalize, NORMALIZE_MODES)
     check_axis_name(axis_name)
     if normalize == "batch":
-        _check_axis_name_is_bound(axis_name)
+        check_axis_name_is_bound(axis_name)
     if layout is None or concrete_value(keep_prob) == 1.0:
         return x
     return _drop_block(key, x, keep, layout, gamma, normalize, axis_name)
@@ -288,11 +240,7 @@ def block_mask(
     """
     key = check_key(key)
     keep = checked_probability("keep_prob", keep_prob)
-    if not isinstance(shape, (tuple, list)) or not all(map(is_int, shape)):
-        raise TypeError(f"shape must be a tuple of ints, got {shape!r}.")
-    if min(shape, default=0) < 0:
-        raise ValueError(f"shape must have sizes >= 0, got {shape!r}.")
-    shape = tuple(int(n) for n in shape)
+    shape = check_shape(shape)
     layout = _layout(shape, block_size, spatial_axes, broadcast_dims, seed_region, gamma)
     if layout is None:
         return jnp.ones(shape, bool)

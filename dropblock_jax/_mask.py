@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -42,28 +41,6 @@ _BATCH_AXIS_FLAGS = 8
 COUNT_LOW_BITS = 16
 _MAX_PART_ENTRIES = (1 << 31) - 1
 MAX_MASK_ENTRIES = 1 << 40
-
-
-def check_key(key: object) -> jax.Array:
-    """Returns a typed PRNG key, accepting typed keys of any impl and legacy uint32 keys."""
-    if isinstance(key, (jax.Array, np.ndarray)):
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-            if key.shape != ():
-                raise TypeError(
-                    f"key must be a single PRNG key, got a key array of shape {key.shape}; "
-                    "use jax.vmap for a batch of keys."
-                )
-            # Only a jax.Array has a PRNG key dtype.
-            return cast(jax.Array, key)
-        legacy_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
-        if key.dtype == jnp.uint32 and key.shape == legacy_shape:
-            # wrap_key_data takes NumPy arrays too; its annotation names jax.Array only.
-            return jax.random.wrap_key_data(key)  # type: ignore[arg-type]
-    raise TypeError(
-        "key must be a PRNG key from jax.random.key (any impl) or a legacy "
-        f"jax.random.PRNGKey, got {type(key).__name__} with "
-        f"dtype={getattr(key, 'dtype', None)} and shape={getattr(key, 'shape', None)}."
-    )
 
 
 def flags_per_word(size: int, axis: int) -> int:

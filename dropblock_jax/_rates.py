@@ -7,47 +7,15 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import core
 from jax.typing import ArrayLike
 
-from dropblock_jax._geometry import GAMMA_MODES, SpatialGeometry, check_choice, feature_geometry
+from dropblock_jax._checks import GAMMA_MODES, check_choice, checked_probability
+from dropblock_jax._geometry import SpatialGeometry, feature_geometry
 
 # Newton on the log of the keep fraction converges quadratically and monotonically
 # from its lower starting point; 8 steps reach float64 round-off for every geometry
 # tried (block 1..7, maps 1..56, 1-D to 3-D, keep_prob 1e-6..0.999).
 _CALIBRATION_STEPS = 8
-
-
-def rate_dtype() -> np.dtype:
-    """float32, or float64 when ``jax_enable_x64`` is on."""
-    return jnp.asarray(1.0).dtype
-
-
-def concrete_value(value: ArrayLike) -> float | None:
-    """The value of a scalar as a float, or None while it is traced."""
-    # Callers pass real scalars (checked_probability refuses the rest); ArrayLike also
-    # names complex numbers, which have no float().
-    return None if isinstance(value, core.Tracer) else float(value)  # type: ignore[arg-type]
-
-
-def checked_probability(name: str, value: ArrayLike) -> jax.Array:
-    """Validates a probability argument and returns it as a scalar in [0, 1], without gradient.
-
-    A concrete value outside [0, 1] raises; a traced one is clipped, so that a schedule
-    never has to be concrete.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number, np.ndarray, jax.Array)):
-        raise TypeError(f"{name} must be a real number or a scalar array, got {value!r}.")
-    if np.ndim(value) != 0:
-        raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}.")
-    dtype = getattr(value, "dtype", None)
-    if dtype is not None and not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        raise TypeError(f"{name} must be a real number, got dtype {dtype}.")
-    concrete = concrete_value(value)
-    if concrete is not None and not 0.0 <= concrete <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {concrete!r}.")
-    probability = jnp.asarray(value, rate_dtype())
-    return jnp.clip(jax.lax.stop_gradient(probability), 0.0, 1.0)
 
 
 def keep_fraction(gamma: jax.Array, geometry: SpatialGeometry) -> jax.Array:

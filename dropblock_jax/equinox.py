@@ -15,17 +15,18 @@ except ImportError as error:
         "dropblock_jax.equinox needs Equinox, which is not installed: pip install 'equinox>=0.13.1'"
     ) from error
 
-from dropblock_jax._functional import drop_block, layer_options
-from dropblock_jax._geometry import DEFAULT_SPATIAL_RANK, check_layer_arguments, is_int, parse_block_size
-from dropblock_jax._porting import rejects_ported_arguments
-from dropblock_jax._rates import concrete_value
+from dropblock_jax._checks import (
+    DEFAULT_SPATIAL_RANK,
+    axes_tuple,
+    check_bool,
+    concrete_value,
+    parse_block_size,
+    static_block_size,
+)
+from dropblock_jax._functional import drop_block
+from dropblock_jax._layer_options import check_layer_arguments, layer_options, rejects_ported_arguments
 
 __all__ = ["DropBlock"]
-
-
-def _axes_tuple(axes: int | Sequence[int]) -> tuple[int, ...]:
-    """Axes already checked by check_layer_arguments (an int or a sequence of ints), as a tuple."""
-    return tuple(int(a) for a in axes) if isinstance(axes, Sequence) else (int(axes),)
 
 
 def _stand_in_spatial_axes(block_size: int | Sequence[int]) -> tuple[int, ...]:
@@ -148,19 +149,17 @@ class DropBlock(eqx.Module):
         self.keep_prob = concrete
         if spatial_axes is None:
             self.spatial_axes = None
-            self.block_size = int(block_size) if is_int(block_size) else _axes_tuple(block_size)
+            self.block_size = static_block_size(block_size)
         else:
-            self.spatial_axes = _axes_tuple(spatial_axes)
+            self.spatial_axes = axes_tuple("spatial_axes", spatial_axes)
             # Parsed once here; as a tuple it means the same to drop_block as the int did.
             self.block_size = parse_block_size(block_size, len(self.spatial_axes))
-        self.broadcast_dims = _axes_tuple(broadcast_dims)
+        self.broadcast_dims = axes_tuple("broadcast_dims", broadcast_dims)
         self.seed_region = seed_region
         self.gamma = gamma
         self.normalize = normalize
         self.axis_name = axis_name
-        if not isinstance(inference, bool):
-            raise TypeError(f"inference must be a bool, got {inference!r}.")
-        self.inference = inference
+        self.inference = check_bool("inference", inference)
 
     def _spatial_axes_of(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The axes blocks extend over in an input of ``shape``: the given ones, else every axis after the first."""

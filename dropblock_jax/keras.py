@@ -11,10 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from dropblock_jax._checks import (
+    axes_tuple,
+    check_choice,
+    check_int,
+    check_layout_arguments,
+    checked_probability,
+    is_int,
+    static_block_size,
+)
 from dropblock_jax._functional import drop_block
-from dropblock_jax._geometry import check_choice, check_layer_arguments, is_int, mask_layout
-from dropblock_jax._porting import reject_ported_arguments
-from dropblock_jax._rates import checked_probability
+from dropblock_jax._layer_options import check_layer_arguments, reject_ported_arguments
 
 
 def _keras_import_error(error: ImportError) -> ImportError:
@@ -206,12 +213,9 @@ class DropBlock(keras.layers.Layer):
         if seed is not None and not is_int(seed):
             raise TypeError(f"seed must be an int or None, got {seed!r}.")
         super().__init__(**kwargs)
-        # Held as given (an int stays a cube over however many spatial axes the input has).
-        self.block_size = tuple(int(b) for b in block_size) if isinstance(block_size, Sequence) else int(block_size)
+        self.block_size = static_block_size(block_size)
         self.data_format = data_format
-        self.broadcast_dims = (
-            tuple(int(a) for a in broadcast_dims) if isinstance(broadcast_dims, Sequence) else (int(broadcast_dims),)
-        )
+        self.broadcast_dims = axes_tuple("broadcast_dims", broadcast_dims)
         self.seed_region = seed_region
         self.gamma = gamma
         self.normalize = normalize
@@ -272,8 +276,8 @@ class DropBlock(keras.layers.Layer):
     def build(self, input_shape: tuple[int | None, ...]) -> None:
         """Checks the arguments that depend on the input's rank, as ``drop_block`` would."""
         rank = len(input_shape)
-        # The layout of the smallest input of this rank: drop_block's own checks and messages.
-        mask_layout((1,) * rank, self.block_size, self._spatial_axes(rank), self.broadcast_dims, self.seed_region)
+        # The smallest input of this rank: drop_block's own checks and messages.
+        check_layout_arguments((1,) * rank, self.block_size, self._spatial_axes(rank), self.broadcast_dims)
 
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         """The output shape: the input shape (checked against ``block_size``)."""
@@ -412,11 +416,10 @@ class KeepProbScheduler(keras.callbacks.Callback):
     def __init__(self, schedule: Callable[[int], ArrayLike], verbose: int = 0) -> None:
         if not callable(schedule):
             raise TypeError(f"schedule must be a function of the step that returns a keep_prob, got {schedule!r}.")
-        if not is_int(verbose):
-            raise TypeError(f"verbose must be an int (0: quiet, 1: print each value), got {verbose!r}.")
+        verbose = check_int("verbose", verbose, detail=" (0: quiet, 1: print each value)")
         super().__init__()
         self.schedule = schedule
-        self.verbose = int(verbose)
+        self.verbose = verbose
         self._epoch_start = 0
         self._next_step = 0
         self._keep_prob: float | None = None

@@ -10,9 +10,8 @@ import jax
 from flax import linen as nn
 from jax.typing import ArrayLike
 
-from dropblock_jax._functional import drop_block, layer_options
-from dropblock_jax._geometry import check_layer_arguments
-from dropblock_jax._porting import rejects_ported_arguments
+from dropblock_jax._functional import drop_block
+from dropblock_jax._layer_options import check_layer_arguments, layer_options, rejects_ported_arguments
 
 __all__ = ["DropBlock"]
 

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.typing import ArrayLike, DTypeLike
 
 from dropblock_jax import drop_block
-from dropblock_jax._rates import checked_probability
+from dropblock_jax._checks import checked_probability
 from dropblock_jax.nnx import DropBlock, set_keep_prob
 
 __all__ = [

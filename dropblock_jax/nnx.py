@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from dropblock_jax._functional import drop_block, layer_options
-from dropblock_jax._geometry import check_layer_arguments
-from dropblock_jax._mask import check_key
-from dropblock_jax._porting import rejects_ported_arguments
-from dropblock_jax._rates import checked_probability
+from dropblock_jax._checks import axes_tuple, check_key, checked_probability, static_block_size
+from dropblock_jax._functional import drop_block
+from dropblock_jax._layer_options import check_layer_arguments, layer_options, rejects_ported_arguments
 
 __all__ = ["DropBlock", "set_keep_prob"]
-
-_T = TypeVar("_T")
 
 
 class DropBlock(nnx.Module):
@@ -89,9 +84,10 @@ class DropBlock(nnx.Module):
             axis_name=axis_name,
         )
         self.keep_prob = nnx.Variable(jnp.asarray(keep_prob, jnp.float32))
-        self.block_size = _frozen(block_size)
-        self.spatial_axes = _frozen(spatial_axes)
-        self.broadcast_dims = _frozen(broadcast_dims)
+        # Held as tuples, so that changing the caller's list later leaves the layer alone.
+        self.block_size = static_block_size(block_size)
+        self.spatial_axes = None if spatial_axes is None else axes_tuple("spatial_axes", spatial_axes)
+        self.broadcast_dims = axes_tuple("broadcast_dims", broadcast_dims)
         self.seed_region = seed_region
         self.gamma = gamma
         self.normalize = normalize
@@ -162,11 +158,6 @@ class DropBlock(nnx.Module):
         """Used by ``nnx.view``: ``deterministic=True`` disables DropBlock."""
         if deterministic is not None:
             self.deterministic = deterministic
-
-
-def _frozen(value: _T) -> _T:
-    """``value`` with a list made a tuple, so that changing the caller's list later leaves the layer alone."""
-    return tuple(value) if isinstance(value, list) else value  # type: ignore[return-value]
 
 
 def set_keep_prob(module_tree: object, value: ArrayLike) -> int:

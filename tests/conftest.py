@@ -70,7 +70,7 @@ else:
 
 
 # What a port of a dropout layer passes: a positional rate (and block size), or another
-# library's name for the rate. Spelt out here rather than read from dropblock_jax._porting,
+# library's name for the rate. Spelt out here rather than read from dropblock_jax._layer_options,
 # so that a name dropped there fails these tests.
 PORTED_CALLS = [
     ((0.1,), {}, "the positional argument 0.1"),

@@ -10,7 +10,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import dropblock_jax as db
 from conftest import assert_mean_matches
-from dropblock_jax import _geometry, _mask
+from dropblock_jax import _checks, _geometry, _mask
 
 
 def _first_offset(block, seed_region):
@@ -81,7 +81,7 @@ def test_mask_is_the_dilation_of_its_seeds(seed_region, sizes, block, channels):
 def test_dropped_region_is_a_union_of_blocks(seed_region, sizes, block):
     mask = db.block_mask(jax.random.key(3), (8, *sizes, 4), 0.8, block, seed_region=seed_region)
     mask = np.asarray(mask)
-    blocks = _geometry.parse_block_size(block)
+    blocks = _checks.parse_block_size(block)
     for n, c in itertools.product(range(8), range(4)):
         assert _is_union_of_blocks(~mask[n, ..., c], blocks, seed_region)
 
