@@ -74,12 +74,24 @@ DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 PLACES = ("all", "projection")
 
 
+def dropout(keep_prob: float, rngs: nnx.Rngs) -> nnx.Dropout:
+    # nnx.Dropout branches in Python on its rate, so it gets a concrete float.
+    return nnx.Dropout(1.0 - keep_prob, rngs=rngs)
+
+
+def shared_dropblock(keep_prob: float, rngs: nnx.Rngs) -> DropBlock:
+    return DropBlock(keep_prob=keep_prob, block_size=BLOCK_SIZE, broadcast_dims=(-1,), rngs=rngs)
+
+
+# What each variant puts at the model's regularizer places.
+REGULARIZERS = {"none": "none", "dropout": dropout, "dropblock-shared": shared_dropblock}
+
+
 def build_model(depth: int, num_classes: int, base_width: int, variant: str, places: str, dtype) -> nnx.Module:
-    regularizer = {"none": "none", "dropout": "dropout"}.get(variant, "dropblock")
-    model = resnet(
+    return resnet(
         depth,
         num_classes,
-        regularizer=regularizer,
+        regularizer=REGULARIZERS.get(variant, "dropblock"),
         keep_prob=CONSTANT_KEEP_PROB,
         block_size=BLOCK_SIZE,
         regularized_shortcuts=places,
@@ -87,13 +99,6 @@ def build_model(depth: int, num_classes: int, base_width: int, variant: str, pla
         base_width=base_width,
         rngs=nnx.Rngs(params=0, dropout=1),
     )
-    if variant == "dropblock-shared":
-        # The model builds its layers with the default options; the broadcast axes are a
-        # static attribute of each layer, set here before the model is split.
-        for _, node in nnx.iter_graph(model):
-            if isinstance(node, DropBlock):
-                node.broadcast_dims = (-1,)
-    return model
 
 
 def count_places(model: nnx.Module) -> int:

@@ -40,11 +40,12 @@ def is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_choice(name: str, value: object, allowed: Sequence[_Choice]) -> _Choice:
+def check_choice(name: str, value: object, allowed: Sequence[_Choice], detail: str = "") -> _Choice:
     """Returns ``value`` if it is one of ``allowed`` (strings, or ints); raises ValueError otherwise.
 
     A value of another type than the choices is not one of them (``True`` is not the
-    choice ``1``), and is refused with the same message.
+    choice ``1``), and is refused with the same message; ``detail`` follows the choices
+    in it.
 
     Examples:
       >>> check_choice("seed_region", "valid", SEED_REGIONS)
@@ -56,7 +57,7 @@ def check_choice(name: str, value: object, allowed: Sequence[_Choice]) -> _Choic
     """
     same_kind = is_int(value) if all(map(is_int, allowed)) else isinstance(value, str)
     if not same_kind or value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}.")
+        raise ValueError(f"{name} must be one of {tuple(allowed)}{detail}, got {value!r}.")
     return cast(_Choice, value)
 
 

@@ -9,28 +9,32 @@ and with a small 3x3 stem and basic blocks it is also the small network of the d
 The authors apply DropBlock in groups 3 and 4 only: after every batch norm of the
 residual branch and on the shortcut of every block, identity shortcuts included (36
 places in ResNet-50). The last group uses ``keep_prob``; the group before it drops
-four times less, ``1 - (1 - keep_prob) / 4``. :class:`ResNet` can put plain dropout or
-SpatialDropout at the very same places, so the regularizers can be compared on equal
-terms.
-
-:class:`InferenceDropBlock` applies DropBlock at those same places to a trained model
-in eval mode, whatever its regularizer (``"none"`` included): the paper's test of how
-spatially spread a network's representation is (Section 4.1).
+four times less, ``1 - (1 - keep_prob) / 4``. A block kind is one description of those
+places (:data:`BLOCKS`): its branch, a place after each layer, then the shortcut's.
+``regularizer`` may put another layer there (plain dropout, to compare), and a
+``perturb`` hook (:data:`Perturb`) sees and may change the activations of every place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike, DTypeLike
 
-from dropblock_jax import drop_block
-from dropblock_jax._checks import checked_probability
+from dropblock_jax._checks import (
+    check_choice,
+    check_int,
+    check_ints,
+    checked_probability,
+    parse_block_size,
+    static_block_size,
+)
 from dropblock_jax.nnx import DropBlock, set_keep_prob
 
 __all__ = [
@@ -39,29 +43,42 @@ __all__ = [
     "REGULARIZED_SHORTCUTS",
     "REGULARIZERS",
     "STEMS",
-    "BottleneckBlock",
-    "InferenceDropBlock",
+    "BranchLayer",
+    "Perturb",
     "ResNet",
     "ResidualBlock",
     "resnet",
     "stage_keep_prob",
 ]
 
-#: The values of :class:`ResNet`'s ``regularizer``, the regularizers it can place (none, plain
-#: dropout, SpatialDropout with one draw per channel map, or DropBlock).
-REGULARIZERS = ("none", "dropout", "spatial_dropout", "dropblock")
 
-#: The values of ``regularized_shortcuts``: every shortcut of a regularized group (the
-#: authors' code, identity shortcuts included), or only the projection shortcuts.
-REGULARIZED_SHORTCUTS = ("all", "projection")
+@dataclasses.dataclass(frozen=True)
+class BranchLayer:
+    """One convolution of a residual branch; a batch norm and a regularizer place follow it.
 
-#: The values of :class:`ResNet`'s ``block``: two 3x3 convolutions, or 1x1-3x3-1x1 with a
-#: fourfold expansion.
-BLOCKS = ("basic", "bottleneck")
+    Every layer but the last of a branch has a ReLU after its batch norm; the last one's
+    batch norm starts at zero scale, so that each block starts as the identity, and the
+    ReLU follows the residual sum.
 
-#: The values of :class:`ResNet`'s ``stem``: the ImageNet stem (7x7/2 convolution, 3x3/2
-#: max pool), or one 3x3 stride-1 convolution for small images.
-STEMS = ("imagenet", "small")
+    Attributes:
+      kernel: the convolution's (square) kernel size.
+      expansion: its output channels, in multiples of the block's width.
+      strided: whether it carries the block's stride.
+    """
+
+    kernel: int
+    expansion: int = 1
+    strided: bool = False
+
+
+#: The residual branch of each block kind, a :class:`BranchLayer` per convolution in order:
+#: two 3x3 convolutions (``residual_block``), or 1x1-3x3-1x1 with a fourfold expansion and
+#: the stride on the 3x3 convolution (``bottleneck_block``, v1.5). A block has a regularizer
+#: place after each of them, then one on its shortcut.
+BLOCKS: dict[str, tuple[BranchLayer, ...]] = {
+    "basic": (BranchLayer(3, strided=True), BranchLayer(3)),
+    "bottleneck": (BranchLayer(1), BranchLayer(3, strided=True), BranchLayer(1, expansion=4)),
+}
 
 #: :func:`resnet`'s depths, as in the authors' ``resnet_model.py``: the block kind and the
 #: number of blocks of each of the four groups.
@@ -74,12 +91,36 @@ DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     200: ("bottleneck", (3, 24, 36, 3)),
 }
 
+#: The names :class:`ResNet`'s ``regularizer`` takes: nothing at the places, or DropBlock.
+#: A function ``regularizer(keep_prob, rngs)`` that builds a layer puts that layer there.
+REGULARIZERS = ("none", "dropblock")
+
+#: The values of ``regularized_shortcuts``: every shortcut of a regularized group (the
+#: authors' code, identity shortcuts included), or only the projection shortcuts.
+REGULARIZED_SHORTCUTS = ("all", "projection")
+
+#: The values of :class:`ResNet`'s ``stem``: the ImageNet stem (7x7/2 convolution, 3x3/2
+#: max pool), or one 3x3 stride-1 convolution for small images.
+STEMS = ("imagenet", "small")
+
+#: ``perturb(y, place, stages_from_last)``, called with the activations ``y`` of every
+#: regularizer place of the regularized stages, after the place's own layer; the network
+#: goes on with what it returns. ``place`` is ``(stage, block, index)``, the index
+#: counting the block's branch layers, then its shortcut; ``stages_from_last`` is 0 in
+#: the last stage.
+Perturb = Callable[[jax.Array, tuple[int, int, int], int], jax.Array]
+
+# A layer at a regularizer place, or a function that builds one for a stage's keep_prob.
+_Layer = Callable[[jax.Array], jax.Array]
+_Regularizer = str | Callable[[float, nnx.Rngs], _Layer | None]
+
+_Keep = TypeVar("_Keep", float, jax.Array)
+
 # Later stages see coarser, more semantic features; the authors drop 4x less in
 # the stage before the last one, and so on down the network.
 _STAGE_DROP_DECAY = 4.0
 # The authors' batch norm constants (resnet_model.py: BATCH_NORM_DECAY, BATCH_NORM_EPSILON).
 _BN_MOMENTUM, _BN_EPSILON = 0.9, 1e-5
-_BOTTLENECK_EXPANSION = 4
 
 
 def stage_keep_prob(keep_prob: ArrayLike, stages_from_last: int) -> jax.Array:
@@ -103,345 +144,117 @@ def stage_keep_prob(keep_prob: ArrayLike, stages_from_last: int) -> jax.Array:
     return _stage_keep(checked_probability("keep_prob", keep_prob), stages_from_last)
 
 
-def _stage_keep(keep: Any, stages_from_last: int) -> Any:
+def _stage_keep(keep: _Keep, stages_from_last: int) -> _Keep:
     """The 1/4 rule on a Python float (static, for constructors) or an array (a schedule)."""
     return 1.0 - (1.0 - keep) / _STAGE_DROP_DECAY**stages_from_last
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}.")
-
-
-def _check_args(
-    widths: Sequence[int],
-    blocks: Sequence[int],
-    regularized_stages: int,
-    block_size: int | Sequence[int],
-) -> None:
-    if len(widths) == 0 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
-        raise ValueError(f"widths must be a non-empty sequence of positive ints, got {tuple(widths)!r}.")
-    if len(blocks) != len(widths) or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
-        raise ValueError(f"blocks must give a positive int per stage ({len(widths)} stages), got {tuple(blocks)!r}.")
-    if isinstance(regularized_stages, bool) or not isinstance(regularized_stages, int):
-        raise ValueError(f"regularized_stages must be an int, got {regularized_stages!r}.")
-    if not 0 <= regularized_stages <= len(widths):
-        raise ValueError(
-            f"regularized_stages must be an int in [0, {len(widths)}] (the number of stages), "
-            f"got {regularized_stages!r}."
-        )
-    _check_block_size(block_size)
-
-
-def _check_block_size(block_size: int | Sequence[int]) -> None:
-    try:
-        sizes = (block_size,) if isinstance(block_size, int) else tuple(block_size)
-    except TypeError:
-        sizes = ()
-    if not sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes):
-        raise ValueError(f"block_size must be a positive int or a tuple of them, got {block_size!r}.")
-
-
 @dataclasses.dataclass(frozen=True)
-class _Regularization:
-    """What a block puts at its regularizer places (static, shared by the blocks of a stage)."""
-
-    regularizer: str = "none"
-    keep_prob: float = 1.0
-    block_size: int | Sequence[int] = 3
-    regularized_shortcuts: str = "all"
-
-    def make(self, rngs: nnx.Rngs) -> DropBlock | nnx.Dropout | None:
-        """The regularizing layer of one place, or None."""
-        if self.regularizer == "none":
-            return None
-        if self.regularizer == "dropblock":
-            block_size = self.block_size if isinstance(self.block_size, int) else tuple(self.block_size)
-            return DropBlock(keep_prob=float(self.keep_prob), block_size=block_size, rngs=rngs)
-        # nnx.Dropout branches in Python on its rate, so it gets a concrete float.
-        rate = 1.0 - float(self.keep_prob)
-        if self.regularizer == "dropout":
-            return nnx.Dropout(rate, rngs=rngs)
-        # SpatialDropout: one draw per (sample, channel), shared over H and W.
-        return nnx.Dropout(rate, broadcast_dims=(1, 2), rngs=rngs)
-
-    def make_shortcut(self, projected: bool, rngs: nnx.Rngs) -> DropBlock | nnx.Dropout | None:
-        """The shortcut's layer: on every shortcut, or on projections only."""
-        return self.make(rngs) if projected or self.regularized_shortcuts == "all" else None
-
-
-# A place hook: ``perturb(y, place_index)`` after each regularizer place of a block.
-_BlockHook = Callable[[jax.Array, int], jax.Array] | None
-
-
-def _build_shortcut(
-    block: ResidualBlock | BottleneckBlock,
-    in_features: int,
-    out_features: int,
-    strides: int,
-    regularization: _Regularization,
-    conv: Callable[..., nnx.Conv],
-    norm: Callable[..., nnx.BatchNorm],
-    rngs: nnx.Rngs,
-) -> None:
-    """Gives ``block`` its shortcut: a ``conv1x1-bn`` projection when the shape changes, then its place."""
-    projected = strides != 1 or in_features != out_features
-    if projected:
-        block.proj = conv(in_features, out_features, (1, 1), strides=strides)
-        block.proj_bn = norm(out_features)
-    else:
-        block.proj = block.proj_bn = None
-    block.shortcut_drop = regularization.make_shortcut(projected, rngs)
-
-
-def _at_place(block: ResidualBlock | BottleneckBlock, name: str, y: jax.Array, perturb: _BlockHook) -> jax.Array:
-    """``y`` through the block's regularizer ``name``, then through ``perturb`` (with the place's index)."""
-    drop = getattr(block, name)
-    y = y if drop is None else drop(y)
-    return y if perturb is None else perturb(y, block.PLACES.index(name))
-
-
-def _merge(block: ResidualBlock | BottleneckBlock, x: jax.Array, branch: jax.Array, perturb: _BlockHook) -> jax.Array:
-    """``relu(branch + shortcut)``, the shortcut regularized at its place."""
-    shortcut = x
-    if block.proj is not None and block.proj_bn is not None:
-        shortcut = block.proj_bn(block.proj(x))
-    return nnx.relu(branch + _at_place(block, "shortcut_drop", shortcut, perturb))
-
-
-def _layer_factories(
-    dtype: DTypeLike | None, param_dtype: DTypeLike, bn_momentum: float, rngs: nnx.Rngs
-) -> tuple[Callable[..., nnx.Conv], Callable[..., nnx.BatchNorm]]:
+class _Layers:
     """Convolutions (no bias: a batch norm follows) and batch norms of one dtype policy."""
 
-    def conv(in_features: int, out_features: int, kernel: tuple[int, int], strides: int = 1) -> nnx.Conv:
+    dtype: DTypeLike | None
+    param_dtype: DTypeLike
+    bn_momentum: float
+    rngs: nnx.Rngs
+
+    def conv(self, in_features: int, out_features: int, kernel: int, strides: int = 1) -> nnx.Conv:
         # The authors' fixed padding, (k - 1) // 2 before and k // 2 after, whatever the stride;
         # "SAME" would pad a strided 3x3 convolution on one side only.
-        padding = tuple(((k - 1) // 2, k // 2) for k in kernel)
+        padding = ((kernel - 1) // 2, kernel // 2)
         return nnx.Conv(
             in_features,
             out_features,
-            kernel,
+            (kernel, kernel),
             strides=strides,
-            padding=padding,
+            padding=(padding, padding),
             use_bias=False,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            rngs=self.rngs,
         )
 
-    def norm(features: int, zero_scale: bool = False) -> nnx.BatchNorm:
+    def norm(self, features: int, zero_scale: bool = False) -> nnx.BatchNorm:
         return nnx.BatchNorm(
             features,
-            momentum=bn_momentum,
+            momentum=self.bn_momentum,
             epsilon=_BN_EPSILON,
-            dtype=dtype,
-            param_dtype=param_dtype,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
             scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
-            rngs=rngs,
+            rngs=self.rngs,
         )
-
-    return conv, norm
 
 
 class ResidualBlock(nnx.Module):
-    """A basic residual block (two 3x3 convolutions) with optional regularization.
+    """A residual block: its branch, its shortcut, and a regularizer place after each layer.
 
-    Layout: ``conv3x3-bn-relu-drop1``, ``conv3x3-bn-drop2``, the shortcut (a
-    ``conv1x1-bn`` projection when the shape changes) followed by ``shortcut_drop``,
-    then ``relu(branch + shortcut)``. The second batch norm starts at zero scale, so
-    each block starts as the identity.
+    Each :class:`BranchLayer` of the branch is a convolution and a batch norm (and a ReLU
+    but for the last); the shortcut is the input, or a ``conv1x1-bn`` projection where the
+    block changes the shape; the output is ``relu(branch + shortcut)``. The places are
+    numbered in order, the branch layers' first and the shortcut's last:
+    ``regularizers[i]`` is the layer at place ``i``, or None.
 
-    The authors' ResNet-18/34 (``residual_block``) applies no DropBlock; this block
-    puts the regularizer where their bottleneck block does, after every batch norm of
-    the branch and on the shortcut, so that both block kinds are regularized alike.
+    The authors' ResNet-18/34 (``residual_block``) applies no DropBlock; :class:`ResNet`
+    puts the regularizer at the places of a basic block as the authors' bottleneck block
+    does, so that both block kinds are regularized alike.
 
-    Args:
-      in_features: input channels.
-      out_features: output channels.
-      strides: stride of the first convolution and of the projection.
-      regularizer: one of :data:`REGULARIZERS`.
-      keep_prob: keep probability of the regularizer.
-      block_size: DropBlock's block size (ignored by the other regularizers).
-      regularized_shortcuts: ``"all"`` or ``"projection"`` (:data:`REGULARIZED_SHORTCUTS`).
-      bn_momentum: momentum of the batch norms' running statistics.
-      dtype: the computation dtype (``None``: the input's).
-      param_dtype: the dtype of the parameters and batch statistics.
-      rngs: ``nnx.Rngs`` with ``params`` and, when regularized, ``dropout`` streams.
+    Built by :class:`ResNet`, which tells each block where it sits.
 
     Attributes:
-      PLACES: the names of the regularizer places, in the order a ``perturb`` hook and
-        :class:`InferenceDropBlock` number them.
+      convs: the branch's convolutions, in order.
+      norms: their batch norms.
+      projection: the shortcut's ``conv1x1-bn``, or None for an identity shortcut.
+      regularizers: the layer at each place, or None.
+      location: ``(stage, block)``, the first two entries of the block's places.
+      stages_from_last: how many stages follow the block's stage.
     """
-
-    PLACES = ("drop1", "drop2", "shortcut_drop")
-    proj: nnx.Conv | None
-    proj_bn: nnx.BatchNorm | None
-    shortcut_drop: DropBlock | nnx.Dropout | None
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        strides: int = 1,
-        regularizer: str = "none",
-        keep_prob: float = 1.0,
-        block_size: int | Sequence[int] = 3,
-        regularized_shortcuts: str = "all",
-        bn_momentum: float = _BN_MOMENTUM,
-        dtype: DTypeLike | None = None,
-        param_dtype: DTypeLike = jnp.float32,
-        rngs: nnx.Rngs,
-    ) -> None:
-        regularization = _Regularization(regularizer, keep_prob, block_size, regularized_shortcuts)
-        conv, norm = _layer_factories(dtype, param_dtype, bn_momentum, rngs)
-        self.conv1 = conv(in_features, out_features, (3, 3), strides=strides)
-        self.bn1 = norm(out_features)
-        self.drop1 = regularization.make(rngs)
-        self.conv2 = conv(out_features, out_features, (3, 3))
-        self.bn2 = norm(out_features, zero_scale=True)
-        self.drop2 = regularization.make(rngs)
-        _build_shortcut(self, in_features, out_features, strides, regularization, conv, norm, rngs)
-
-    def __call__(self, x: jax.Array, perturb: _BlockHook = None) -> jax.Array:
-        """Applies the block; ``perturb(y, place)`` follows each regularizer place if given.
-
-        ``place`` is the index of the place in ``PLACES``.
-        """
-        y = _at_place(self, "drop1", nnx.relu(self.bn1(self.conv1(x))), perturb)
-        y = _at_place(self, "drop2", self.bn2(self.conv2(y)), perturb)
-        return _merge(self, x, y, perturb)
-
-
-class BottleneckBlock(nnx.Module):
-    """The bottleneck block of the authors' ResNet-50 and deeper, with optional regularization.
-
-    Layout, as ``bottleneck_block`` in ``resnet_model.py`` (v1.5: the stride on the 3x3
-    convolution): ``conv1x1-bn-relu-drop1``, ``conv3x3-bn-relu-drop2``,
-    ``conv1x1-bn-drop3`` to ``4 * features`` channels, the shortcut (a ``conv1x1-bn``
-    projection when the shape changes) followed by ``shortcut_drop``, then
-    ``relu(branch + shortcut)``. The third batch norm starts at zero scale.
-
-    Args:
-      in_features: input channels.
-      features: the bottleneck's width; the block outputs ``4 * features`` channels.
-      strides: stride of the 3x3 convolution and of the projection.
-      regularizer, keep_prob, block_size, regularized_shortcuts, bn_momentum, dtype, param_dtype, rngs: as
-        in :class:`ResidualBlock`.
-
-    Attributes:
-      PLACES: the names of the regularizer places, in the order a ``perturb`` hook and
-        :class:`InferenceDropBlock` number them.
-    """
-
-    PLACES = ("drop1", "drop2", "drop3", "shortcut_drop")
-    proj: nnx.Conv | None
-    proj_bn: nnx.BatchNorm | None
-    shortcut_drop: DropBlock | nnx.Dropout | None
 
     def __init__(
         self,
         in_features: int,
         features: int,
         *,
-        strides: int = 1,
-        regularizer: str = "none",
-        keep_prob: float = 1.0,
-        block_size: int | Sequence[int] = 3,
-        regularized_shortcuts: str = "all",
-        bn_momentum: float = _BN_MOMENTUM,
-        dtype: DTypeLike | None = None,
-        param_dtype: DTypeLike = jnp.float32,
-        rngs: nnx.Rngs,
+        branch: Sequence[BranchLayer],
+        strides: int,
+        place_layer: Callable[[], _Layer | None],
+        regularized_shortcuts: str,
+        layers: _Layers,
+        location: tuple[int, int],
+        stages_from_last: int,
     ) -> None:
-        regularization = _Regularization(regularizer, keep_prob, block_size, regularized_shortcuts)
-        conv, norm = _layer_factories(dtype, param_dtype, bn_momentum, rngs)
-        out_features = _BOTTLENECK_EXPANSION * features
-        self.conv1 = conv(in_features, features, (1, 1))
-        self.bn1 = norm(features)
-        self.drop1 = regularization.make(rngs)
-        self.conv2 = conv(features, features, (3, 3), strides=strides)
-        self.bn2 = norm(features)
-        self.drop2 = regularization.make(rngs)
-        self.conv3 = conv(features, out_features, (1, 1))
-        self.bn3 = norm(out_features, zero_scale=True)
-        self.drop3 = regularization.make(rngs)
-        _build_shortcut(self, in_features, out_features, strides, regularization, conv, norm, rngs)
+        convs, norms, regularizers = [], [], []
+        width = in_features
+        for index, layer in enumerate(branch):
+            out_features = features * layer.expansion
+            convs.append(layers.conv(width, out_features, layer.kernel, strides if layer.strided else 1))
+            norms.append(layers.norm(out_features, zero_scale=index == len(branch) - 1))
+            regularizers.append(place_layer())
+            width = out_features
+        projected = strides != 1 or in_features != width
+        self.projection = (
+            nnx.Sequential(layers.conv(in_features, width, 1, strides), layers.norm(width)) if projected else None
+        )
+        regularizers.append(place_layer() if projected or regularized_shortcuts == "all" else None)
+        self.convs, self.norms, self.regularizers = nnx.List(convs), nnx.List(norms), nnx.List(regularizers)
+        self.location = location
+        self.stages_from_last = stages_from_last
 
-    def __call__(self, x: jax.Array, perturb: _BlockHook = None) -> jax.Array:
-        """Applies the block; ``perturb(y, place)`` follows each regularizer place if given.
+    def __call__(self, x: jax.Array, perturb: Perturb | None = None) -> jax.Array:
+        """Applies the block; ``perturb`` follows each regularizer place if given (see :data:`Perturb`)."""
+        y = x
+        last = len(self.convs) - 1
+        for index, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            y = norm(conv(y))
+            y = self._place(index, y if index == last else nnx.relu(y), perturb)
+        shortcut = x if self.projection is None else self.projection(x)
+        return nnx.relu(y + self._place(last + 1, shortcut, perturb))
 
-        ``place`` is the index of the place in ``PLACES``.
-        """
-        y = _at_place(self, "drop1", nnx.relu(self.bn1(self.conv1(x))), perturb)
-        y = _at_place(self, "drop2", nnx.relu(self.bn2(self.conv2(y))), perturb)
-        y = _at_place(self, "drop3", self.bn3(self.conv3(y)), perturb)
-        return _merge(self, x, y, perturb)
-
-
-@dataclasses.dataclass(frozen=True)
-class InferenceDropBlock:
-    """:func:`dropblock_jax.drop_block` at every regularizer place of a :class:`ResNet`.
-
-    Pass it as ``model(x, perturb=InferenceDropBlock(key, keep_prob, block_size))``.
-    It acts whatever the model's regularizer, ``"none"`` included (whose places hold
-    no layer), and whatever its mode: on a model in eval mode (batch norm on running
-    averages, the trained regularizer off) it is the only thing dropped. This is how
-    the paper tests that DropBlock spreads a network's representation: units or
-    blocks removed at inference cost a DropBlock-trained network less accuracy.
-
-    Every place gets its own key, ``fold_in`` of ``key`` with the stage, block and
-    place index, so two models of the same architecture see the same masks whatever
-    their regularizer.
-
-    Attributes:
-      key: a JAX PRNG key.
-      keep_prob: keep probability of the last stage; may be traced, so one compiled
-        function serves every keep_prob.
-      block_size: the block size; 1 is plain dropout.
-      per_stage: if True (default), earlier regularized stages keep
-        :func:`stage_keep_prob` of ``keep_prob``, as in training; if False every
-        place uses ``keep_prob``.
-      normalize: as in :func:`dropblock_jax.drop_block`; ``"batch"`` is the default
-        of the trained DropBlock layers.
-
-    Raises:
-      ValueError: for a bad ``block_size`` or a concrete ``keep_prob`` outside [0, 1].
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> from flax import nnx
-      >>> from dropblock_jax.models import InferenceDropBlock, ResNet
-      >>> model = ResNet(10, widths=(8, 16), blocks=(1, 1), regularizer="none",
-      ...                rngs=nnx.Rngs(params=0))
-      >>> model.eval()
-      >>> x = jnp.ones((4, 16, 16, 1))
-      >>> probe = InferenceDropBlock(jax.random.key(0), keep_prob=0.5, block_size=3)
-      >>> bool((model(x, perturb=probe) == model(x)).all())
-      False
-    """
-
-    key: jax.Array
-    keep_prob: ArrayLike
-    block_size: int | Sequence[int] = 1
-    per_stage: bool = True
-    normalize: str = "batch"
-
-    def __post_init__(self) -> None:
-        """Checks ``keep_prob``, ``block_size`` and ``per_stage``."""
-        checked_probability("keep_prob", self.keep_prob)
-        _check_block_size(self.block_size)
-        if not isinstance(self.per_stage, bool):
-            raise ValueError(f"per_stage must be True or False, got {self.per_stage!r}.")
-
-    def __call__(self, x: jax.Array, place: Sequence[int], stages_from_last: int) -> jax.Array:
-        """Drops blocks of ``x``, the output of the regularizer place ``place``."""
-        key = self.key
-        for index in place:
-            key = jax.random.fold_in(key, index)
-        keep = stage_keep_prob(self.keep_prob, stages_from_last) if self.per_stage else self.keep_prob
-        return drop_block(key, x, keep, self.block_size, normalize=self.normalize)
+    def _place(self, index: int, y: jax.Array, perturb: Perturb | None) -> jax.Array:
+        """``y`` through the layer at place ``index``, then through ``perturb``."""
+        layer = self.regularizers[index]
+        y = y if layer is None else layer(y)
+        return y if perturb is None else perturb(y, (*self.location, index), self.stages_from_last)
 
 
 class ResNet(nnx.Module):
@@ -473,12 +286,13 @@ class ResNet(nnx.Module):
       widths: channels of each stage (for bottleneck blocks, the bottleneck width; the
         stage outputs four times as many).
       blocks: residual blocks in each stage.
-      block: ``"basic"`` (:class:`ResidualBlock`) or ``"bottleneck"``
-        (:class:`BottleneckBlock`).
+      block: a key of :data:`BLOCKS`, ``"basic"`` or ``"bottleneck"``.
       stem: ``"small"`` (one 3x3 stride-1 convolution, for small images) or
         ``"imagenet"`` (7x7/2 convolution and 3x3/2 max pool).
-      regularizer: ``"none"``, ``"dropout"``, ``"spatial_dropout"`` (dropout with
-        one draw per channel, shared over H and W) or ``"dropblock"``.
+      regularizer: ``"dropblock"`` (:class:`dropblock_jax.nnx.DropBlock`), ``"none"``,
+        or a function ``regularizer(keep_prob, rngs)`` that returns the layer of one
+        place for its stage's ``keep_prob`` (a Python float), e.g.
+        ``lambda keep_prob, rngs: nnx.Dropout(1 - keep_prob, rngs=rngs)``.
       keep_prob: keep probability of the last stage.
       block_size: DropBlock's block size; clipped to each feature map.
       regularized_stages: how many of the last stages are regularized.
@@ -491,8 +305,7 @@ class ResNet(nnx.Module):
       rngs: ``nnx.Rngs`` with ``params`` and ``dropout`` streams.
 
     Raises:
-      ValueError: for an unknown regularizer, block, stem or shortcut choice, or
-        inconsistent stage arguments.
+      TypeError, ValueError: for an argument of the wrong type or value, naming it.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -500,7 +313,7 @@ class ResNet(nnx.Module):
       >>> from dropblock_jax.models import ResNet
       >>> model = ResNet(10, widths=(8, 16), blocks=(1, 1), block_size=3,
       ...                rngs=nnx.Rngs(params=0, dropout=1))
-      >>> model.set_stage_keep_probs(0.8)  # e.g. each step, from optax.linear_schedule
+      >>> model.set_stage_keep_probs(0.8)  # e.g. each step, from linear_keep_prob_schedule
       6
       >>> [round(float(k), 2) for k in model.keep_probs()]
       [0.95, 0.8]
@@ -522,7 +335,7 @@ class ResNet(nnx.Module):
         blocks: Sequence[int] = (1, 1, 1),
         block: str = "basic",
         stem: str = "small",
-        regularizer: str = "dropblock",
+        regularizer: _Regularizer = "dropblock",
         keep_prob: float = 0.9,
         block_size: int | Sequence[int] = 3,
         regularized_stages: int = 2,
@@ -533,86 +346,71 @@ class ResNet(nnx.Module):
         head_stddev: float | None = None,
         rngs: nnx.Rngs,
     ) -> None:
-        widths, blocks = tuple(widths), tuple(blocks)
-        _check_choice("regularizer", regularizer, REGULARIZERS)
-        _check_choice("block", block, BLOCKS)
-        _check_choice("stem", stem, STEMS)
-        _check_choice("regularized_shortcuts", regularized_shortcuts, REGULARIZED_SHORTCUTS)
-        _check_args(widths, blocks, regularized_stages, block_size)
+        if not callable(regularizer):
+            check_choice("regularizer", regularizer, REGULARIZERS, detail=" or a function (keep_prob, rngs) -> layer")
+        branch = BLOCKS[check_choice("block", block, tuple(BLOCKS))]
+        self.stem_kind = check_choice("stem", stem, STEMS)
+        check_choice("regularized_shortcuts", regularized_shortcuts, REGULARIZED_SHORTCUTS)
+        widths = check_ints("widths", widths)
+        blocks = check_ints("blocks", blocks, length=len(widths), detail=" (one per stage)")
+        self.regularized_stages = check_int(
+            "regularized_stages", regularized_stages, 0, len(widths), detail=" (the number of stages)"
+        )
+        parse_block_size(block_size)
         checked_probability("keep_prob", keep_prob)
-        self.regularizer = regularizer
-        self.regularized_stages = regularized_stages
         self.dtype = dtype
-        self.stem_kind = stem
-        conv, norm = _layer_factories(dtype, param_dtype, bn_momentum, rngs)
+        layers = _Layers(dtype, param_dtype, bn_momentum, rngs)
         if stem == "imagenet":
-            self.stem = conv(in_features, widths[0], (7, 7), strides=2)
+            self.stem = layers.conv(in_features, widths[0], 7, strides=2)
         else:
-            self.stem = conv(in_features, widths[0], (3, 3))
-        self.stem_bn = norm(widths[0])
-        block_type: type[ResidualBlock | BottleneckBlock] = ResidualBlock if block == "basic" else BottleneckBlock
-        expansion = _BOTTLENECK_EXPANSION if block == "bottleneck" else 1
+            self.stem = layers.conv(in_features, widths[0], 3)
+        self.stem_bn = layers.norm(widths[0])
         stages = []
         features = widths[0]
-        for index, (width, count) in enumerate(zip(widths, blocks)):
-            from_last = len(widths) - 1 - index
-            regularized = from_last < regularized_stages
-            # Python floats, so that the model can be built under jit or nnx.eval_shape.
-            stage_keep = _stage_keep(float(keep_prob), from_last) if regularized else 1.0
-            stage = []
-            for position in range(count):
-                stage.append(
-                    block_type(
+        for stage, (width, count) in enumerate(zip(widths, blocks)):
+            from_last = len(widths) - 1 - stage
+            # A Python float, so that the model can be built under jit or nnx.eval_shape.
+            place_layer = _place_layer(regularizer, _stage_keep(float(keep_prob), from_last), block_size, rngs)
+            stage_blocks = []
+            for index in range(count):
+                stage_blocks.append(
+                    ResidualBlock(
                         features,
                         width,
-                        strides=2 if index > 0 and position == 0 else 1,
-                        regularizer=regularizer if regularized else "none",
-                        keep_prob=stage_keep,
-                        block_size=block_size,
+                        branch=branch,
+                        strides=2 if stage > 0 and index == 0 else 1,
+                        place_layer=place_layer if from_last < self.regularized_stages else _nothing,
                         regularized_shortcuts=regularized_shortcuts,
-                        bn_momentum=bn_momentum,
-                        dtype=dtype,
-                        param_dtype=param_dtype,
-                        rngs=rngs,
+                        layers=layers,
+                        location=(stage, index),
+                        stages_from_last=from_last,
                     )
                 )
-                features = width * expansion
-            stages.append(nnx.List(stage))
+                features = width * branch[-1].expansion
+            stages.append(nnx.List(stage_blocks))
         self.stages = nnx.List(stages)
         head_init = nnx.initializers.lecun_normal() if head_stddev is None else nnx.initializers.normal(head_stddev)
         self.head = nnx.Linear(
             features, num_classes, kernel_init=head_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
 
-    def __call__(
-        self, x: jax.Array, *, perturb: Callable[[jax.Array, tuple[int, int, int], int], jax.Array] | None = None
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, *, perturb: Perturb | None = None) -> jax.Array:
         """The logits of ``x``, NHWC, in float32 when the model computes in a narrower dtype.
 
         Args:
           x: images, ``(N, H, W, in_features)``.
-          perturb: an :class:`InferenceDropBlock` (or any callable
-            ``perturb(y, place, stages_from_last)``, ``place`` = (stage, block, index in
-            the block's ``PLACES``)) applied after every regularizer place of the
-            regularized stages, on top of the regularizer itself. Meant for a model in
-            eval mode, where it is the only thing dropped.
+          perturb: a hook (see :data:`Perturb`) applied after every regularizer place of
+            the regularized stages, on top of the regularizer itself; on a model in eval
+            mode it is the only thing that acts there.
         """
         if self.dtype is not None:
             x = x.astype(self.dtype)
         x = nnx.relu(self.stem_bn(self.stem(x)))
         if self.stem_kind == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
-        count = len(self.stages)
-        for s, stage in enumerate(self.stages):
-            from_last = count - 1 - s
-            for b, block in enumerate(stage):
-                hook = None
-                if perturb is not None and from_last < self.regularized_stages:
-
-                    def hook(y: jax.Array, place: int, s: int = s, b: int = b, from_last: int = from_last) -> jax.Array:
-                        return perturb(y, (s, b, place), from_last)
-
-                x = block(x, hook)
+        for stage in self.stages:
+            for block in stage:
+                x = block(x, perturb if block.stages_from_last < self.regularized_stages else None)
         logits = self.head(jnp.mean(x, axis=(1, 2)))
         return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
@@ -628,8 +426,8 @@ class ResNet(nnx.Module):
         The stage ``n`` stages before the last gets :func:`stage_keep_prob` of
         ``keep_prob`` (the authors' ratio), unlike
         :func:`dropblock_jax.nnx.set_keep_prob`, which gives every layer one value.
-        Only DropBlock's keep_prob is data; for ``"dropout"`` and
-        ``"spatial_dropout"`` (whose rate ``nnx.Dropout`` keeps static) this raises.
+        Only DropBlock's keep_prob is data; a model whose regularized stages hold no
+        DropBlock (``nnx.Dropout`` keeps its rate static) raises.
 
         Args:
           keep_prob: the new keep probability of the last stage, in [0, 1]; may be traced.
@@ -638,21 +436,22 @@ class ResNet(nnx.Module):
           The number of DropBlock layers set.
 
         Raises:
-          ValueError: when the model's regularizer is not ``"dropblock"``.
+          ValueError: when the regularized stages hold no DropBlock, or for a
+            ``keep_prob`` outside [0, 1].
         """
-        if self.regularizer != "dropblock":
+        regularized = self._regularized()
+        if regularized and not self.keep_probs():
             raise ValueError(
-                f"set_stage_keep_probs needs regularizer='dropblock', this model has regularizer="
-                f"{self.regularizer!r}; nnx.Dropout's rate is static and can only be set at construction."
+                "set_stage_keep_probs sets DropBlock layers, and the regularized stages of this ResNet hold none "
+                "(its regularizer is not 'dropblock'); nnx.Dropout's rate is static and can only be set at "
+                "construction."
             )
-        return sum(
-            set_keep_prob(stage, stage_keep_prob(keep_prob, from_last)) for stage, from_last in self._regularized()
-        )
+        return sum(set_keep_prob(stage, stage_keep_prob(keep_prob, from_last)) for stage, from_last in regularized)
 
     def keep_probs(self) -> list[jax.Array]:
         """The DropBlock keep_prob of each regularized stage, earliest stage first.
 
-        Returns an empty list when the regularizer is not ``"dropblock"``.
+        Returns an empty list when the regularized stages hold no DropBlock.
         """
         probs = []
         for stage, _ in self._regularized():
@@ -662,11 +461,26 @@ class ResNet(nnx.Module):
         return probs
 
 
+def _place_layer(
+    regularizer: _Regularizer, keep_prob: float, block_size: int | Sequence[int], rngs: nnx.Rngs
+) -> Callable[[], _Layer | None]:
+    """What builds the layer of one place of a stage: ``regularizer``'s layer, DropBlock, or nothing."""
+    if callable(regularizer):
+        return functools.partial(regularizer, keep_prob, rngs)
+    if regularizer == "dropblock":
+        return functools.partial(DropBlock, keep_prob=keep_prob, block_size=static_block_size(block_size), rngs=rngs)
+    return _nothing
+
+
+def _nothing() -> None:
+    """The layer of a place without a regularizer: none."""
+
+
 def resnet(
     depth: int,
     num_classes: int = 1000,
     *,
-    regularizer: str = "dropblock",
+    regularizer: _Regularizer = "dropblock",
     keep_prob: float = 0.9,
     block_size: int | Sequence[int] = 7,
     regularized_shortcuts: str = "all",
@@ -697,7 +511,8 @@ def resnet(
     Args:
       depth: one of 18, 34, 50, 101, 152, 200.
       num_classes: number of output logits.
-      regularizer: one of :data:`REGULARIZERS`.
+      regularizer: ``"dropblock"``, ``"none"`` or a function that builds the layer of
+        one place, as in :class:`ResNet`.
       keep_prob: keep probability of group 4 (the paper: scheduled from 1 to 0.9).
       block_size: DropBlock's block size (the paper: 7).
       regularized_shortcuts: ``"all"`` (the authors) or ``"projection"``.
@@ -713,7 +528,7 @@ def resnet(
       The :class:`ResNet`.
 
     Raises:
-      ValueError: for a depth not in :data:`DEPTHS` or another bad argument.
+      TypeError, ValueError: for a depth not in :data:`DEPTHS` or another bad argument.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -731,11 +546,8 @@ def resnet(
       NeurIPS 2018 (arXiv 1810.12890), Section 4.1. He, Zhang, Ren, Sun, "Deep residual
       learning for image recognition", CVPR 2016.
     """
-    if isinstance(depth, bool) or depth not in DEPTHS:
-        raise ValueError(f"depth must be one of {tuple(DEPTHS)}, got {depth!r}.")
-    if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
-        raise ValueError(f"base_width must be a positive int, got {base_width!r}.")
-    block, blocks = DEPTHS[depth]
+    block, blocks = DEPTHS[check_choice("depth", depth, tuple(DEPTHS))]
+    base_width = check_int("base_width", base_width, low=1)
     return ResNet(
         num_classes,
         in_features=in_features,

@@ -52,7 +52,7 @@ from flax import nnx
 
 from dropblock_jax import block_mask
 from dropblock_jax.demo.data import upscale
-from dropblock_jax.models import ResidualBlock, ResNet
+from dropblock_jax.models import ResNet
 from dropblock_jax.nnx import DropBlock
 
 # The machinery shared with examples/imagenet/train.py (slices, global batch, checkpoints, processes).
@@ -62,8 +62,8 @@ import pod
 # sklearn's digits: 1797 records; the first TRAIN_RECORDS are the training set, split
 # between the processes; the rest are never read here.
 TRAIN_RECORDS = 1600
-# The regularizer places of a residual block, in the order ResNet's perturb hook numbers them.
-PLACE_NAMES = ResidualBlock.PLACES
+# The labels of a basic block's regularizer places, in the order ResNet's perturb hook numbers them.
+PLACE_NAMES = ("drop1", "drop2", "shortcut_drop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +133,7 @@ def dropblock_places(model: ResNet) -> dict[tuple[int, int, int], DropBlock]:
     places = {}
     for s, stage in enumerate(model.stages):
         for b, block in enumerate(stage):
-            for p, name in enumerate(PLACE_NAMES):
-                layer = getattr(block, name)
+            for p, layer in enumerate(block.regularizers):
                 if isinstance(layer, DropBlock):
                     places[(s, b, p)] = layer
     return places

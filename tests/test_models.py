@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dropblock_jax.models import InferenceDropBlock, ResNet, resnet, stage_keep_prob
+from dropblock_jax.demo.train import InferenceDropBlock, dropout, spatial_dropout
+from dropblock_jax.models import ResNet, resnet, stage_keep_prob
 from dropblock_jax.nnx import DropBlock, set_keep_prob
 
 
@@ -30,15 +31,9 @@ def layers_of(model, kind):
 
 def test_dropblock_sits_after_the_batch_norms_of_the_last_two_stages_and_on_their_shortcuts():
     model = small()
-    names = sorted((path[1], path[-1]) for path in layers_of(model, DropBlock))
-    assert names == [
-        (1, "drop1"),
-        (1, "drop2"),
-        (1, "shortcut_drop"),
-        (2, "drop1"),
-        (2, "drop2"),
-        (2, "shortcut_drop"),
-    ]
+    # (stage, place): places 0 and 1 follow the two branch layers, place 2 is the shortcut's.
+    places = sorted((path[1], path[-1]) for path in layers_of(model, DropBlock))
+    assert places == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
     keep = {path[1]: float(layer.keep_prob[...]) for path, layer in layers_of(model, DropBlock).items()}
     assert keep == {1: pytest.approx(0.95), 2: pytest.approx(0.8)}
 
@@ -49,7 +44,7 @@ def test_stage_keep_prob_follows_the_reference_rule():
     assert float(stage_keep_prob(0.9, 2)) == pytest.approx(1 - 0.1 / 16)
 
 
-@pytest.mark.parametrize(("regularizer", "broadcast_dims"), [("dropout", ()), ("spatial_dropout", (1, 2))])
+@pytest.mark.parametrize(("regularizer", "broadcast_dims"), [(dropout, ()), (spatial_dropout, (1, 2))])
 def test_dropout_variants_take_the_same_places_with_the_same_rates(regularizer, broadcast_dims):
     model = small(regularizer)
     dropouts = layers_of(model, nnx.Dropout)
@@ -97,8 +92,8 @@ def test_set_keep_prob_and_set_stage_keep_probs_mean_different_things():
 
 
 def test_set_stage_keep_probs_refuses_models_without_dropblock():
-    with pytest.raises(ValueError, match="regularizer='dropout'"):
-        small("dropout").set_stage_keep_probs(0.9)
+    with pytest.raises(ValueError, match="the regularized stages of this ResNet hold none"):
+        small(dropout).set_stage_keep_probs(0.9)
     with pytest.raises(ValueError, match=r"keep_prob must be in \[0, 1\], got 1.5"):
         small().set_stage_keep_probs(1.5)
 
@@ -107,10 +102,10 @@ def test_set_stage_keep_probs_refuses_models_without_dropblock():
     ("kwargs", "message"),
     [
         (dict(regularizer="cutout"), "regularizer must be one of .* got 'cutout'"),
-        (dict(widths=()), r"widths must be a non-empty sequence of positive ints, got \(\)"),
-        (dict(widths=(4, 8), blocks=(1,)), r"blocks must give a positive int per stage \(2 stages\), got \(1,\)"),
+        (dict(widths=()), r"widths must be a non-empty tuple of ints >= 1, got \(\)"),
+        (dict(widths=(4, 8), blocks=(1,)), r"blocks must be a tuple of 2 ints >= 1 \(one per stage\), got \(1,\)"),
         (dict(regularized_stages=4), r"regularized_stages must be an int in \[0, 3\].*got 4"),
-        (dict(block_size=0), "block_size must be a positive int or a tuple of them, got 0"),
+        (dict(block_size=0), "block_size entries must be >= 1, got 0"),
         (dict(keep_prob=1.2), r"keep_prob must be in \[0, 1\], got 1.2"),
     ],
 )
@@ -135,7 +130,7 @@ def test_inference_dropblock_acts_at_the_regularizer_places_of_every_regularizer
         return y
 
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
-    for regularizer in ("none", "dropout", "dropblock"):
+    for regularizer in ("none", dropout, "dropblock"):
         calls.clear()
         model = small(regularizer)
         model.eval()
@@ -156,7 +151,7 @@ def test_inference_dropblock_gives_every_regularizer_the_same_masks_and_is_off_a
         return model(x, perturb=InferenceDropBlock(key, keep_prob, block_size=3))
 
     outputs = {}
-    for regularizer in ("none", "dropout", "spatial_dropout", "dropblock"):
+    for regularizer in ("none", dropout, spatial_dropout, "dropblock"):
         model = small(regularizer)  # same params: the regularizers hold none
         model.eval()
         # Compiled and op-by-op programs may round differently in the last bits; a dropped
@@ -183,15 +178,16 @@ def test_inference_dropblock_keeps_the_stage_ratio_unless_told_not_to():
     ("kwargs", "message"),
     [
         (dict(keep_prob=1.5), r"keep_prob must be in \[0, 1\], got 1.5"),
-        (dict(block_size=0), "block_size must be a positive int or a tuple of them, got 0"),
-        (dict(block_size=(3, -1)), r"block_size must be a positive int or a tuple of them, got \(3, -1\)"),
-        (dict(per_stage="yes"), "per_stage must be True or False, got 'yes'"),
+        (dict(block_size=0), "block_size entries must be >= 1, got 0"),
+        (dict(block_size=(3, -1)), r"block_size entries must be >= 1, got \(3, -1\)"),
     ],
 )
 def test_inference_dropblock_refuses_bad_arguments(kwargs, message):
     args = dict(key=jax.random.key(0), keep_prob=0.9) | kwargs
     with pytest.raises(ValueError, match=message):
         InferenceDropBlock(**args)
+    with pytest.raises(TypeError, match="per_stage must be a bool, got 'yes'"):
+        InferenceDropBlock(key=jax.random.key(0), keep_prob=0.9, per_stage="yes")
 
 
 def test_the_model_can_be_built_under_jit_and_eval_shape():
@@ -257,18 +253,18 @@ def dropblocks_by_group(model):
     groups = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, DropBlock):
-            groups.setdefault(path[1], []).append(path[2:])
+            groups.setdefault(path[1], []).append((path[2], path[-1]))
     return groups
 
 
 def test_resnet50_has_dropblock_at_the_authors_36_places_with_the_group_keep_probs(built_resnet50):
     model = nnx.clone(built_resnet50)
     groups = dropblocks_by_group(model)
-    # Groups 3 and 4 (stages 2 and 3): every block's three branch norms and its shortcut.
+    # Groups 3 and 4 (stages 2 and 3): every block's three branch norms (places 0, 1, 2)
+    # and its shortcut (place 3).
     assert sorted(groups) == [2, 3]
-    places = ("drop1", "drop2", "drop3", "shortcut_drop")
-    assert sorted(groups[2]) == sorted((b, p) for b in range(6) for p in places)
-    assert sorted(groups[3]) == sorted((b, p) for b in range(3) for p in places)
+    assert sorted(groups[2]) == [(b, p) for b in range(6) for p in range(4)]
+    assert sorted(groups[3]) == [(b, p) for b in range(3) for p in range(4)]
     assert model.set_stage_keep_probs(0.9) == 36
     keeps = {path[1]: float(node.keep_prob[...]) for path, node in nnx.iter_graph(model) if isinstance(node, DropBlock)}
     assert keeps == {2: pytest.approx(1 - 0.1 / 4), 3: pytest.approx(0.9)}
@@ -279,13 +275,13 @@ def test_projection_only_shortcuts_leave_the_29_places_of_the_earlier_placement(
     model = abstract_resnet(50, regularized_shortcuts="projection")
     groups = dropblocks_by_group(model)
     assert sum(len(places) for places in groups.values()) == 29
-    assert [b for b, p in groups[2] + groups[3] if p == "shortcut_drop"] == [0, 0]
+    assert [b for b, p in groups[2] + groups[3] if p == 3] == [0, 0]
     with pytest.raises(ValueError, match=r"regularized_shortcuts must be one of \('all', 'projection'\), got 'some'"):
         abstract_resnet(50, regularized_shortcuts="some")
 
 
 def test_the_other_regularizers_take_the_36_places_and_none_takes_none():
-    for regularizer, kind in (("dropout", nnx.Dropout), ("spatial_dropout", nnx.Dropout)):
+    for regularizer, kind in ((dropout, nnx.Dropout), (spatial_dropout, nnx.Dropout)):
         assert len(layers_of(abstract_resnet(50, regularizer=regularizer), kind)) == 36
     baseline = abstract_resnet(50, regularizer="none")
     assert not layers_of(baseline, DropBlock) and not layers_of(baseline, nnx.Dropout)
@@ -348,9 +344,9 @@ def test_the_last_batch_norm_of_every_block_starts_at_zero_scale_and_the_head_is
     model = nnx.clone(built_resnet50)
     for stage in model.stages:
         for block in stage:
-            np.testing.assert_array_equal(block.bn3.scale[...], 0.0)
-            np.testing.assert_array_equal(block.bn1.scale[...], 1.0)
-            assert (block.bn1.momentum, block.bn1.epsilon) == (0.9, 1e-5)
+            np.testing.assert_array_equal(block.norms[2].scale[...], 0.0)
+            np.testing.assert_array_equal(block.norms[0].scale[...], 1.0)
+            assert (block.norms[0].momentum, block.norms[0].epsilon) == (0.9, 1e-5)
     # N(0, 0.01): 320 weights, std within a few standard errors of 0.01.
     assert float(jnp.std(model.head.kernel[...])) == pytest.approx(0.01, rel=0.25)
 
@@ -380,7 +376,7 @@ def test_a_traced_schedule_traces_the_resnet50_step_once_and_eval_is_determinist
     ("kwargs", "message"),
     [
         (dict(depth=42), r"depth must be one of \(18, 34, 50, 101, 152, 200\), got 42"),
-        (dict(depth=50, base_width=0), "base_width must be a positive int, got 0"),
+        (dict(depth=50, base_width=0), "base_width must be an int >= 1, got 0"),
         (dict(depth=50, regularizer="cutout"), "regularizer must be one of .* got 'cutout'"),
         (dict(depth=50, keep_prob=-0.1), r"keep_prob must be in \[0, 1\], got -0.1"),
     ],

@@ -11,26 +11,55 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.typing import ArrayLike
 
+from dropblock_jax import drop_block
+from dropblock_jax._checks import check_bool, check_ints, checked_probability, parse_block_size
 from dropblock_jax.demo.data import Dataset
-from dropblock_jax.models import InferenceDropBlock, ResNet
+from dropblock_jax.models import ResNet, stage_keep_prob
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One regularization setting of the comparison."""
+    """One regularization setting of the comparison.
+
+    Attributes:
+      name: the name of the method in tables and files.
+      regularizer: a key of :data:`REGULARIZERS`.
+      scheduled: whether keep_prob falls from 1 to its target over training.
+    """
 
     name: str
     regularizer: str
     scheduled: bool = False
 
+
+def dropout(keep_prob: float, rngs: nnx.Rngs) -> nnx.Dropout:
+    """Plain dropout at a regularizer place of the ResNet, dropping ``1 - keep_prob``."""
+    # nnx.Dropout branches in Python on its rate, so it gets a concrete float.
+    return nnx.Dropout(1.0 - keep_prob, rngs=rngs)
+
+
+def spatial_dropout(keep_prob: float, rngs: nnx.Rngs) -> nnx.Dropout:
+    """SpatialDropout at a regularizer place: one draw per (sample, channel), shared over H and W."""
+    return nnx.Dropout(1.0 - keep_prob, broadcast_dims=(1, 2), rngs=rngs)
+
+
+#: What each method puts at the ResNet's regularizer places (its ``regularizer`` argument):
+#: the regularizers the paper compares DropBlock with, at the very same places.
+REGULARIZERS: dict[str, str | Callable[[float, nnx.Rngs], nnx.Dropout]] = {
+    "none": "none",
+    "dropout": dropout,
+    "spatial_dropout": spatial_dropout,
+    "dropblock": "dropblock",
+}
 
 METHODS = (
     Method("none", "none"),
@@ -98,10 +127,73 @@ class StressTest:
             raise ValueError(
                 f"keep_probs must start at 1.0 and fall strictly, staying >= 0, got {tuple(self.keep_probs)!r}."
             )
-        if not self.block_sizes or any(
-            isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.block_sizes
-        ):
-            raise ValueError(f"block_sizes must be a non-empty tuple of positive ints, got {self.block_sizes!r}.")
+        check_ints("block_sizes", self.block_sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceDropBlock:
+    """:func:`dropblock_jax.drop_block` at every regularizer place of a ResNet: a ``perturb`` hook.
+
+    Pass it as ``model(x, perturb=InferenceDropBlock(key, keep_prob, block_size))`` (see
+    :data:`dropblock_jax.models.Perturb`). It acts whatever the model's regularizer,
+    ``"none"`` included (whose places hold no layer), and whatever its mode: on a model
+    in eval mode (batch norm on running averages, the trained regularizer off) it is the
+    only thing dropped. This is how the paper tests that DropBlock spreads a network's
+    representation (Section 4.1): units or blocks removed at inference cost a
+    DropBlock-trained network less accuracy.
+
+    Every place gets its own key, ``fold_in`` of ``key`` with the stage, block and place
+    index, so two models of the same architecture see the same masks whatever their
+    regularizer.
+
+    Attributes:
+      key: a JAX PRNG key.
+      keep_prob: keep probability of the last stage; may be traced, so one compiled
+        function serves every keep_prob.
+      block_size: the block size; 1 is plain dropout.
+      per_stage: if True (default), earlier regularized stages keep
+        :func:`~dropblock_jax.models.stage_keep_prob` of ``keep_prob``, as in training;
+        if False every place uses ``keep_prob``.
+      normalize: as in :func:`dropblock_jax.drop_block`; ``"batch"`` is the default of
+        the trained DropBlock layers.
+
+    Raises:
+      TypeError, ValueError: for a bad ``block_size`` or ``per_stage``, or a concrete
+        ``keep_prob`` outside [0, 1].
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dropblock_jax.demo.train import InferenceDropBlock
+      >>> from dropblock_jax.models import ResNet
+      >>> model = ResNet(10, widths=(8, 16), blocks=(1, 1), regularizer="none",
+      ...                rngs=nnx.Rngs(params=0))
+      >>> model.eval()
+      >>> x = jnp.ones((4, 16, 16, 1))
+      >>> probe = InferenceDropBlock(jax.random.key(0), keep_prob=0.5, block_size=3)
+      >>> bool((model(x, perturb=probe) == model(x)).all())
+      False
+    """
+
+    key: jax.Array
+    keep_prob: ArrayLike
+    block_size: int | Sequence[int] = 1
+    per_stage: bool = True
+    normalize: str = "batch"
+
+    def __post_init__(self) -> None:
+        """Checks ``keep_prob``, ``block_size`` and ``per_stage``."""
+        checked_probability("keep_prob", self.keep_prob)
+        parse_block_size(self.block_size)
+        check_bool("per_stage", self.per_stage)
+
+    def __call__(self, x: jax.Array, place: tuple[int, int, int], stages_from_last: int) -> jax.Array:
+        """Drops blocks of ``x``, the output of the regularizer place ``place``."""
+        key = self.key
+        for index in place:
+            key = jax.random.fold_in(key, index)
+        keep = stage_keep_prob(self.keep_prob, stages_from_last) if self.per_stage else self.keep_prob
+        return drop_block(key, x, keep, self.block_size, normalize=self.normalize)
 
 
 def _loss(model: ResNet, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -111,7 +203,7 @@ def _loss(model: ResNet, x: jax.Array, y: jax.Array) -> jax.Array:
 
 @nnx.jit
 def _train_step(model: ResNet, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array, keep_prob: jax.Array) -> jax.Array:
-    if model.regularizer == "dropblock":
+    if model.keep_probs():  # the model holds DropBlock layers
         # Inside the jitted step keep_prob is traced data: the layers' keep_prob
         # variables change, the compiled program does not, so the fixed and the
         # scheduled runs share one compilation.
@@ -148,7 +240,7 @@ def accuracy(
       y: labels.
       chunk: images per call.
       perturb: None, or ``(key, keep_prob, block_size)`` of an
-        :class:`~dropblock_jax.models.InferenceDropBlock`; chunk ``i`` uses
+        :class:`InferenceDropBlock`; chunk ``i`` uses
         ``fold_in(key, i)``.
     """
     model.eval()
@@ -211,7 +303,7 @@ def build_model(method: Method, config: TrainConfig, in_features: int, num_class
         in_features=in_features,
         widths=config.widths,
         blocks=(1,) * len(config.widths),
-        regularizer=method.regularizer,
+        regularizer=REGULARIZERS[method.regularizer],
         # A scheduled run starts from keep_prob 1 and ends at config.keep_prob.
         keep_prob=1.0 if method.scheduled else config.keep_prob,
         block_size=config.block_size,
