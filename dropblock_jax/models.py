@@ -1,18 +1,16 @@
 """ResNets in Flax NNX with DropBlock placed as the paper's authors place it.
 
 :func:`resnet` builds the authors' ImageNet networks (``tensorflow/tpu``
-``models/official/resnet/resnet_model.py``): ResNet-18 to ResNet-200, a 7x7/2 stem and a
-3x3/2 max pool, bottleneck blocks from depth 50 with the stride on the 3x3 convolution
-(v1.5), bfloat16 compute if asked. :class:`ResNet` is the one implementation behind it,
-and with a small 3x3 stem and basic blocks it is also the small network of the demo.
+``models/official/resnet/resnet_model.py``); :class:`ResNet` is the one implementation
+behind them, and with a small 3x3 stem also the small network of the demo.
 
 The authors apply DropBlock in groups 3 and 4 only: after every batch norm of the
 residual branch and on the shortcut of every block, identity shortcuts included (36
-places in ResNet-50). The last group uses ``keep_prob``; the group before it drops
-four times less, ``1 - (1 - keep_prob) / 4``. A block kind is one description of those
-places (:data:`BLOCKS`): its branch, a place after each layer, then the shortcut's.
-``regularizer`` may put another layer there (plain dropout, to compare), and a
-``perturb`` hook (:data:`Perturb`) sees and may change the activations of every place.
+places in ResNet-50). The last group uses ``keep_prob``; the group before it drops four
+times less, ``1 - (1 - keep_prob) / 4`` (:func:`stage_keep_prob`). A block kind is one
+description of its places (:data:`BLOCKS`): a place after each layer of its branch, then
+one on its shortcut. ``regularizer`` may put another layer there (plain dropout, to
+compare), and a ``perturb`` hook (:data:`Perturb`) sees the activations of every place.
 """
 
 from __future__ import annotations
@@ -54,11 +52,9 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class BranchLayer:
-    """One convolution of a residual branch; a batch norm and a regularizer place follow it.
+    """A convolution of a residual branch; a batch norm, a ReLU but after the last, and a place follow it.
 
-    Every layer but the last of a branch has a ReLU after its batch norm; the last one's
-    batch norm starts at zero scale, so that each block starts as the identity, and the
-    ReLU follows the residual sum.
+    The last layer's batch norm starts at zero scale, so that a block starts as the identity.
 
     Attributes:
       kernel: the convolution's (square) kernel size.
@@ -71,10 +67,9 @@ class BranchLayer:
     strided: bool = False
 
 
-#: The residual branch of each block kind, a :class:`BranchLayer` per convolution in order:
-#: two 3x3 convolutions (``residual_block``), or 1x1-3x3-1x1 with a fourfold expansion and
-#: the stride on the 3x3 convolution (``bottleneck_block``, v1.5). A block has a regularizer
-#: place after each of them, then one on its shortcut.
+#: Each block kind's residual branch, in order: two 3x3 convolutions (the authors'
+#: ``residual_block``), or 1x1-3x3-1x1 with a fourfold expansion and the stride on the 3x3
+#: convolution (``bottleneck_block``, v1.5). A place follows each, and the shortcut has the last.
 BLOCKS: dict[str, tuple[BranchLayer, ...]] = {
     "basic": (BranchLayer(3, strided=True), BranchLayer(3)),
     "bottleneck": (BranchLayer(1), BranchLayer(3, strided=True), BranchLayer(1, expansion=4)),
@@ -91,8 +86,7 @@ DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     200: ("bottleneck", (3, 24, 36, 3)),
 }
 
-#: The names :class:`ResNet`'s ``regularizer`` takes: nothing at the places, or DropBlock.
-#: A function ``regularizer(keep_prob, rngs)`` that builds a layer puts that layer there.
+#: The names :class:`ResNet`'s ``regularizer`` takes besides a function: nothing, or DropBlock.
 REGULARIZERS = ("none", "dropblock")
 
 #: The values of ``regularized_shortcuts``: every shortcut of a regularized group (the
@@ -103,17 +97,13 @@ REGULARIZED_SHORTCUTS = ("all", "projection")
 #: max pool), or one 3x3 stride-1 convolution for small images.
 STEMS = ("imagenet", "small")
 
-#: ``perturb(y, place, stages_from_last)``, called with the activations ``y`` of every
-#: regularizer place of the regularized stages, after the place's own layer; the network
-#: goes on with what it returns. ``place`` is ``(stage, block, index)``, the index
-#: counting the block's branch layers, then its shortcut; ``stages_from_last`` is 0 in
-#: the last stage.
+#: ``perturb(y, place, stages_from_last)``: called with the activations ``y`` of every place
+#: of the regularized stages, after the place's layer; the network goes on with what it
+#: returns. ``place`` is ``(stage, block, index)``, the index counting the block's branch
+#: layers, then its shortcut; ``stages_from_last`` is 0 in the last stage.
 Perturb = Callable[[jax.Array, tuple[int, int, int], int], jax.Array]
 
-# A layer at a regularizer place, or a function that builds one for a stage's keep_prob.
 _Layer = Callable[[jax.Array], jax.Array]
-_Regularizer = str | Callable[[float, nnx.Rngs], _Layer | None]
-
 _Keep = TypeVar("_Keep", float, jax.Array)
 
 # Later stages see coarser, more semantic features; the authors drop 4x less in
@@ -151,18 +141,21 @@ def _stage_keep(keep: _Keep, stages_from_last: int) -> _Keep:
 
 @dataclasses.dataclass(frozen=True)
 class _Layers:
-    """Convolutions (no bias: a batch norm follows) and batch norms of one dtype policy."""
+    """Convolutions, each followed by its batch norm, of one dtype policy."""
 
     dtype: DTypeLike | None
     param_dtype: DTypeLike
     bn_momentum: float
     rngs: nnx.Rngs
 
-    def conv(self, in_features: int, out_features: int, kernel: int, strides: int = 1) -> nnx.Conv:
+    def conv_bn(
+        self, in_features: int, out_features: int, kernel: int, strides: int = 1, zero_scale: bool = False
+    ) -> tuple[nnx.Conv, nnx.BatchNorm]:
+        """A convolution without bias (the batch norm has one) and its batch norm."""
         # The authors' fixed padding, (k - 1) // 2 before and k // 2 after, whatever the stride;
         # "SAME" would pad a strided 3x3 convolution on one side only.
         padding = ((kernel - 1) // 2, kernel // 2)
-        return nnx.Conv(
+        conv = nnx.Conv(
             in_features,
             out_features,
             (kernel, kernel),
@@ -173,10 +166,8 @@ class _Layers:
             param_dtype=self.param_dtype,
             rngs=self.rngs,
         )
-
-    def norm(self, features: int, zero_scale: bool = False) -> nnx.BatchNorm:
-        return nnx.BatchNorm(
-            features,
+        norm = nnx.BatchNorm(
+            out_features,
             momentum=self.bn_momentum,
             epsilon=_BN_EPSILON,
             dtype=self.dtype,
@@ -184,20 +175,18 @@ class _Layers:
             scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
             rngs=self.rngs,
         )
+        return conv, norm
 
 
 class ResidualBlock(nnx.Module):
-    """A residual block: its branch, its shortcut, and a regularizer place after each layer.
+    """A residual block: its branch, its shortcut, and a regularizer place after each of their layers.
 
-    Each :class:`BranchLayer` of the branch is a convolution and a batch norm (and a ReLU
-    but for the last); the shortcut is the input, or a ``conv1x1-bn`` projection where the
-    block changes the shape; the output is ``relu(branch + shortcut)``. The places are
-    numbered in order, the branch layers' first and the shortcut's last:
-    ``regularizers[i]`` is the layer at place ``i``, or None.
-
-    The authors' ResNet-18/34 (``residual_block``) applies no DropBlock; :class:`ResNet`
-    puts the regularizer at the places of a basic block as the authors' bottleneck block
-    does, so that both block kinds are regularized alike.
+    Each :class:`BranchLayer` of ``branch`` is a convolution and a batch norm; the
+    shortcut is the input, or a ``conv1x1-bn`` projection where the block changes the
+    shape; the output is ``relu(branch + shortcut)``. ``regularizers[i]`` is the layer at
+    place ``i`` (the branch layers' places, then the shortcut's), or None. The authors'
+    ResNet-18/34 (``residual_block``) applies no DropBlock; :class:`ResNet` regularizes a
+    basic block at the same places as a bottleneck block.
 
     Built by :class:`ResNet`, which tells each block where it sits.
 
@@ -227,21 +216,21 @@ class ResidualBlock(nnx.Module):
         width = in_features
         for index, layer in enumerate(branch):
             out_features = features * layer.expansion
-            convs.append(layers.conv(width, out_features, layer.kernel, strides if layer.strided else 1))
-            norms.append(layers.norm(out_features, zero_scale=index == len(branch) - 1))
+            last = index == len(branch) - 1
+            conv, norm = layers.conv_bn(width, out_features, layer.kernel, strides if layer.strided else 1, last)
+            convs.append(conv)
+            norms.append(norm)
             regularizers.append(place_layer())
             width = out_features
         projected = strides != 1 or in_features != width
-        self.projection = (
-            nnx.Sequential(layers.conv(in_features, width, 1, strides), layers.norm(width)) if projected else None
-        )
+        self.projection = nnx.Sequential(*layers.conv_bn(in_features, width, 1, strides)) if projected else None
         regularizers.append(place_layer() if projected or regularized_shortcuts == "all" else None)
         self.convs, self.norms, self.regularizers = nnx.List(convs), nnx.List(norms), nnx.List(regularizers)
         self.location = location
         self.stages_from_last = stages_from_last
 
     def __call__(self, x: jax.Array, perturb: Perturb | None = None) -> jax.Array:
-        """Applies the block; ``perturb`` follows each regularizer place if given (see :data:`Perturb`)."""
+        """Applies the block; ``perturb`` follows each place if given (see :data:`Perturb`)."""
         y = x
         last = len(self.convs) - 1
         for index, (conv, norm) in enumerate(zip(self.convs, self.norms)):
@@ -260,25 +249,21 @@ class ResidualBlock(nnx.Module):
 class ResNet(nnx.Module):
     """A ResNet for NHWC images, regularized where the DropBlock authors do it.
 
-    A stem, then ``len(widths)`` stages of residual blocks (every stage after the
-    first halves the resolution, on its first block), global average pooling and a
-    linear classifier. The last ``regularized_stages`` stages get the regularizer
-    after each batch norm of the residual branch and on the shortcut of every block
-    (or, with ``regularized_shortcuts="projection"``, of the projection blocks only):
-    the last stage with ``keep_prob``, the one before it with
-    ``1 - (1 - keep_prob) / 4`` (see :func:`stage_keep_prob`). With four stages and
-    the defaults this is the placement of the paper's ResNet-50 experiments
-    (DropBlock in groups 3 and 4). :func:`resnet` builds the ImageNet networks; this
-    class with its defaults is a small network for small images.
+    A stem, then ``len(widths)`` stages of residual blocks (every stage after the first
+    halves the resolution, on its first block), global average pooling and a linear
+    classifier. The last ``regularized_stages`` stages get the regularizer at every place
+    of their blocks (the shortcuts of the projection blocks only, with
+    ``regularized_shortcuts="projection"``), the last stage at ``keep_prob`` and each
+    stage before it by :func:`stage_keep_prob`: with four stages and the defaults, the
+    placement of the paper's ResNet-50 (groups 3 and 4). :func:`resnet` builds the
+    ImageNet networks; this class with its defaults is a small network for small images.
 
-    ``model.train()`` / ``model.eval()`` switch batch norm and the regularizer
-    together. A keep_prob schedule goes through :meth:`set_stage_keep_probs`, which keeps
-    the per-stage ratio and never retraces an ``nnx.jit`` function.
-
-    With ``dtype=jnp.bfloat16`` the convolutions, the batch norms' outputs, the
-    regularizers' inputs and the classifier compute in bfloat16 while the parameters
-    and batch statistics stay in ``param_dtype``; the logits are returned in float32
-    (for the loss), as TPU ResNet recipes do.
+    ``model.train()`` / ``model.eval()`` switch batch norm and the regularizer together;
+    a keep_prob schedule goes through :meth:`set_stage_keep_probs`, without retracing an
+    ``nnx.jit`` function. With ``dtype=jnp.bfloat16`` the convolutions, the batch norms'
+    outputs, the regularizers' inputs and the classifier compute in bfloat16 while the
+    parameters and batch statistics stay in ``param_dtype``; the logits are returned in
+    float32 (for the loss), as TPU ResNet recipes do.
 
     Args:
       num_classes: number of output logits.
@@ -287,11 +272,11 @@ class ResNet(nnx.Module):
         stage outputs four times as many).
       blocks: residual blocks in each stage.
       block: a key of :data:`BLOCKS`, ``"basic"`` or ``"bottleneck"``.
-      stem: ``"small"`` (one 3x3 stride-1 convolution, for small images) or
-        ``"imagenet"`` (7x7/2 convolution and 3x3/2 max pool).
+      stem: ``"small"`` (one 3x3 stride-1 convolution) or ``"imagenet"`` (7x7/2
+        convolution and 3x3/2 max pool).
       regularizer: ``"dropblock"`` (:class:`dropblock_jax.nnx.DropBlock`), ``"none"``,
-        or a function ``regularizer(keep_prob, rngs)`` that returns the layer of one
-        place for its stage's ``keep_prob`` (a Python float), e.g.
+        or a function ``regularizer(keep_prob, rngs)`` that builds the layer of one place
+        for its stage's keep_prob (a Python float), e.g.
         ``lambda keep_prob, rngs: nnx.Dropout(1 - keep_prob, rngs=rngs)``.
       keep_prob: keep probability of the last stage.
       block_size: DropBlock's block size; clipped to each feature map.
@@ -335,7 +320,7 @@ class ResNet(nnx.Module):
         blocks: Sequence[int] = (1, 1, 1),
         block: str = "basic",
         stem: str = "small",
-        regularizer: _Regularizer = "dropblock",
+        regularizer: str | Callable[[float, nnx.Rngs], _Layer | None] = "dropblock",
         keep_prob: float = 0.9,
         block_size: int | Sequence[int] = 3,
         regularized_stages: int = 2,
@@ -360,17 +345,14 @@ class ResNet(nnx.Module):
         checked_probability("keep_prob", keep_prob)
         self.dtype = dtype
         layers = _Layers(dtype, param_dtype, bn_momentum, rngs)
-        if stem == "imagenet":
-            self.stem = layers.conv(in_features, widths[0], 7, strides=2)
-        else:
-            self.stem = layers.conv(in_features, widths[0], 3)
-        self.stem_bn = layers.norm(widths[0])
-        stages = []
-        features = widths[0]
+        kernel, strides = (7, 2) if stem == "imagenet" else (3, 1)
+        self.stem, self.stem_bn = layers.conv_bn(in_features, widths[0], kernel, strides)
+        stages, features = [], widths[0]
         for stage, (width, count) in enumerate(zip(widths, blocks)):
             from_last = len(widths) - 1 - stage
             # A Python float, so that the model can be built under jit or nnx.eval_shape.
-            place_layer = _place_layer(regularizer, _stage_keep(float(keep_prob), from_last), block_size, rngs)
+            stage_keep = _stage_keep(float(keep_prob), from_last)
+            place_layer = functools.partial(_place_layer, regularizer, stage_keep, block_size, rngs)
             stage_blocks = []
             for index in range(count):
                 stage_blocks.append(
@@ -379,7 +361,7 @@ class ResNet(nnx.Module):
                         width,
                         branch=branch,
                         strides=2 if stage > 0 and index == 0 else 1,
-                        place_layer=place_layer if from_last < self.regularized_stages else _nothing,
+                        place_layer=place_layer if from_last < self.regularized_stages else lambda: None,
                         regularized_shortcuts=regularized_shortcuts,
                         layers=layers,
                         location=(stage, index),
@@ -399,9 +381,9 @@ class ResNet(nnx.Module):
 
         Args:
           x: images, ``(N, H, W, in_features)``.
-          perturb: a hook (see :data:`Perturb`) applied after every regularizer place of
-            the regularized stages, on top of the regularizer itself; on a model in eval
-            mode it is the only thing that acts there.
+          perturb: a hook (see :data:`Perturb`) after every place of the regularized
+            stages, after the place's regularizer; on a model in eval mode it is the
+            only thing that acts there.
         """
         if self.dtype is not None:
             x = x.astype(self.dtype)
@@ -414,20 +396,21 @@ class ResNet(nnx.Module):
         logits = self.head(jnp.mean(x, axis=(1, 2)))
         return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
-    def _regularized(self) -> list[tuple[nnx.List, int]]:
-        """(stage, stages_from_last) for every regularized stage."""
-        count = len(self.stages)
-        pairs = [(stage, count - 1 - i) for i, stage in enumerate(self.stages)]
-        return [(stage, from_last) for stage, from_last in pairs if from_last < self.regularized_stages]
+    def _stage_dropblocks(self) -> list[tuple[int, list[DropBlock]]]:
+        """``(stages_from_last, DropBlock layers)`` of every regularized stage, earliest first."""
+        return [
+            (stage[0].stages_from_last, [node for _, node in nnx.iter_graph(stage) if isinstance(node, DropBlock)])
+            for stage in self.stages
+            if stage[0].stages_from_last < self.regularized_stages
+        ]
 
     def set_stage_keep_probs(self, keep_prob: ArrayLike) -> int:
         """Sets the last stage's DropBlock keep_prob to ``keep_prob``, earlier stages by the 1/4 rule.
 
         The stage ``n`` stages before the last gets :func:`stage_keep_prob` of
-        ``keep_prob`` (the authors' ratio), unlike
-        :func:`dropblock_jax.nnx.set_keep_prob`, which gives every layer one value.
-        Only DropBlock's keep_prob is data; a model whose regularized stages hold no
-        DropBlock (``nnx.Dropout`` keeps its rate static) raises.
+        ``keep_prob`` (the authors' ratio), unlike :func:`dropblock_jax.nnx.set_keep_prob`,
+        which gives every layer one value. Only DropBlock's keep_prob is data:
+        ``nnx.Dropout`` keeps its rate static.
 
         Args:
           keep_prob: the new keep probability of the last stage, in [0, 1]; may be traced.
@@ -439,48 +422,39 @@ class ResNet(nnx.Module):
           ValueError: when the regularized stages hold no DropBlock, or for a
             ``keep_prob`` outside [0, 1].
         """
-        regularized = self._regularized()
-        if regularized and not self.keep_probs():
+        stages = self._stage_dropblocks()
+        if stages and not any(layers for _, layers in stages):
             raise ValueError(
                 "set_stage_keep_probs sets DropBlock layers, and the regularized stages of this ResNet hold none "
                 "(its regularizer is not 'dropblock'); nnx.Dropout's rate is static and can only be set at "
                 "construction."
             )
-        return sum(set_keep_prob(stage, stage_keep_prob(keep_prob, from_last)) for stage, from_last in regularized)
+        return sum(set_keep_prob(layers, stage_keep_prob(keep_prob, from_last)) for from_last, layers in stages)
 
     def keep_probs(self) -> list[jax.Array]:
-        """The DropBlock keep_prob of each regularized stage, earliest stage first.
-
-        Returns an empty list when the regularized stages hold no DropBlock.
-        """
-        probs = []
-        for stage, _ in self._regularized():
-            layers = [node for _, node in nnx.iter_graph(stage) if isinstance(node, DropBlock)]
-            if layers:
-                probs.append(layers[0].keep_prob[...])
-        return probs
+        """The DropBlock keep_prob of each regularized stage, earliest first; empty without DropBlock."""
+        return [layers[0].keep_prob[...] for _, layers in self._stage_dropblocks() if layers]
 
 
 def _place_layer(
-    regularizer: _Regularizer, keep_prob: float, block_size: int | Sequence[int], rngs: nnx.Rngs
-) -> Callable[[], _Layer | None]:
-    """What builds the layer of one place of a stage: ``regularizer``'s layer, DropBlock, or nothing."""
+    regularizer: str | Callable[[float, nnx.Rngs], _Layer | None],
+    keep_prob: float,
+    block_size: int | Sequence[int],
+    rngs: nnx.Rngs,
+) -> _Layer | None:
+    """The layer of one place of a regularized stage."""
     if callable(regularizer):
-        return functools.partial(regularizer, keep_prob, rngs)
+        return regularizer(keep_prob, rngs)
     if regularizer == "dropblock":
-        return functools.partial(DropBlock, keep_prob=keep_prob, block_size=static_block_size(block_size), rngs=rngs)
-    return _nothing
-
-
-def _nothing() -> None:
-    """The layer of a place without a regularizer: none."""
+        return DropBlock(keep_prob=keep_prob, block_size=static_block_size(block_size), rngs=rngs)
+    return None
 
 
 def resnet(
     depth: int,
     num_classes: int = 1000,
     *,
-    regularizer: _Regularizer = "dropblock",
+    regularizer: str | Callable[[float, nnx.Rngs], _Layer | None] = "dropblock",
     keep_prob: float = 0.9,
     block_size: int | Sequence[int] = 7,
     regularized_shortcuts: str = "all",
@@ -498,31 +472,19 @@ def resnet(
     deeper; see :data:`DEPTHS`); the last batch norm of each block at zero scale; batch
     norm momentum 0.9 and epsilon 1e-5; global average pooling and a dense head
     initialized from N(0, 0.01). ``resnet(50)`` has 25,557,032 parameters, like Flax's
-    and torchvision's ResNet-50.
-
-    ``regularizer="dropblock"`` puts :class:`dropblock_jax.nnx.DropBlock` where the
-    authors do: groups 3 and 4, after every batch norm of the residual branch and on
-    every shortcut (36 places at depth 50), group 3 at ``1 - (1 - keep_prob) / 4``.
-    ``regularized_shortcuts="projection"`` keeps only the projection shortcuts (29
-    places at depth 50), for comparison. At depths 18 and 34, where the authors put
-    none, the basic blocks are regularized at the same places (see
-    :class:`ResidualBlock`).
+    and torchvision's ResNet-50, and DropBlock at the authors' 36 places (29 with
+    ``regularized_shortcuts="projection"``). At depths 18 and 34, where the authors put
+    none, the basic blocks are regularized at the same places.
 
     Args:
       depth: one of 18, 34, 50, 101, 152, 200.
       num_classes: number of output logits.
-      regularizer: ``"dropblock"``, ``"none"`` or a function that builds the layer of
-        one place, as in :class:`ResNet`.
       keep_prob: keep probability of group 4 (the paper: scheduled from 1 to 0.9).
       block_size: DropBlock's block size (the paper: 7).
-      regularized_shortcuts: ``"all"`` (the authors) or ``"projection"``.
-      dtype: the computation dtype, e.g. ``jnp.bfloat16`` (logits still come back in
-        float32); ``None`` computes in the input's dtype.
-      param_dtype: the dtype of the parameters and batch statistics.
       base_width: channels of the stem and width of group 1 (the groups double it); 64
         is the authors' network, smaller values keep its structure at less cost.
-      in_features: input channels.
-      rngs: ``nnx.Rngs`` with ``params`` and ``dropout`` streams.
+      regularizer, regularized_shortcuts, dtype, param_dtype, in_features, rngs: as in
+        :class:`ResNet`.
 
     Returns:
       The :class:`ResNet`.
