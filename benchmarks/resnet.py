@@ -8,8 +8,8 @@ of the residual branch and on every shortcut, identity shortcuts included: 36 pl
 ResNet-50. Rows marked 29 regularize the projection shortcuts only
 (``regularized_shortcuts="projection"``), for comparison. Group 4 uses ``keep_prob``,
 group 3 ``1 - (1 - keep_prob) / 4``. Where a row uses a schedule, ``keep_prob`` comes
-from ``optax.linear_schedule(1.0, 0.9, 1000)`` evaluated on a step counter that is an
-argument of the jitted step, so it is traced.
+from ``dropblock_jax.linear_keep_prob_schedule(0.9, 1001)`` (1 at step 0, 0.9 from step
+1000) evaluated on a step counter that is an argument of the jitted step, so it is traced.
 
 Rows, in float32 and in bfloat16 (``dtype=jnp.bfloat16``: bfloat16 activations,
 float32 parameters, batch statistics and logits):
@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dropblock_jax import linear_keep_prob_schedule
 from dropblock_jax.models import DEPTHS, resnet
 from dropblock_jax.nnx import DropBlock
 
@@ -59,7 +60,8 @@ from dropblock_jax.nnx import DropBlock
 jax.config.update("jax_enable_compilation_cache", False)
 
 BLOCK_SIZE, CONSTANT_KEEP_PROB = 7, 0.9
-SCHEDULE = optax.linear_schedule(init_value=1.0, end_value=CONSTANT_KEEP_PROB, transition_steps=1000)
+SCHEDULE_STEPS = 1001
+SCHEDULE = linear_keep_prob_schedule(CONSTANT_KEEP_PROB, SCHEDULE_STEPS)
 
 VARIANTS = {
     "none": "none",
@@ -306,8 +308,8 @@ def main():
     parser.add_argument(
         "--schedule-step",
         type=int,
-        default=1000,
-        help="the step counter's value; 1000 (the schedule's end, keep_prob 0.9) makes the "
+        default=SCHEDULE_STEPS - 1,
+        help="the step counter's value; %(default)s (the schedule's last step, keep_prob 0.9) makes the "
         "scheduled rows draw at the constant row's rate",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")

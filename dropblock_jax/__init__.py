@@ -7,6 +7,7 @@ information cannot leak around the hole.
 
 from dropblock_jax._functional import block_mask, drop_block
 from dropblock_jax._rates import expected_keep_fraction, seed_rate
+from dropblock_jax._schedules import linear_keep_prob_schedule
 from dropblock_jax._version import __version__
 from dropblock_jax.linen import DropBlock
 
@@ -16,5 +17,6 @@ __all__ = [
     "block_mask",
     "drop_block",
     "expected_keep_fraction",
+    "linear_keep_prob_schedule",
     "seed_rate",
 ]

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.typing import ArrayLike
 
-from dropblock_jax import drop_block
+from dropblock_jax import drop_block, linear_keep_prob_schedule
 from dropblock_jax._checks import check_bool, check_ints, checked_probability, parse_block_size
 from dropblock_jax.demo.data import Dataset
 from dropblock_jax.models import ResNet, stage_keep_prob
@@ -338,7 +338,7 @@ def train_one(
     optimizer = nnx.Optimizer(model, _optimizer(config, total_steps), wrt=nnx.Param)
     # The paper's schedule: keep_prob falls linearly from 1 to its target over training.
     # The last step trains at the target keep_prob.
-    keep_schedule = optax.linear_schedule(1.0, config.keep_prob, max(total_steps - 1, 1))
+    keep_schedule = linear_keep_prob_schedule(config.keep_prob, total_steps)
     if method.scheduled:
         # Evaluated once for every step, so the loop only indexes a host array.
         keeps = np.asarray(keep_schedule(jnp.arange(total_steps)), np.float32)
