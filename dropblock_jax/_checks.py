@@ -201,6 +201,11 @@ def axes_tuple(name: str, axes: object) -> tuple[int, ...]:
     return tuple(int(a) for a in entries)
 
 
+def _as_given(axes: object) -> tuple[object, ...]:
+    """An axis argument as a tuple of its entries as given (NumPy ints stay NumPy ints), for messages."""
+    return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+
+
 def normalize_axes(name: str, axes: object, ndim: int) -> tuple[int, ...]:
     """The axes of an axis argument in an array of ``ndim`` dimensions, each in ``0 .. ndim - 1``, none repeated."""
     entries = axes_tuple(name, axes)
@@ -208,11 +213,11 @@ def normalize_axes(name: str, axes: object, ndim: int) -> tuple[int, ...]:
         if not -ndim <= axis < ndim:
             raise ValueError(
                 f"{name} entry {axis} is out of range for an array with {ndim} dimensions "
-                f"(allowed: {-ndim} .. {ndim - 1}); got {name}={entries!r}."
+                f"(allowed: {-ndim} .. {ndim - 1}); got {name}={_as_given(axes)!r}."
             )
     normalized = tuple(axis % ndim for axis in entries)
     if len(set(normalized)) != len(normalized):
-        raise ValueError(f"{name} must not repeat an axis, got {entries!r}.")
+        raise ValueError(f"{name} must not repeat an axis, got {_as_given(axes)!r}.")
     return normalized
 
 
@@ -246,8 +251,8 @@ def check_layout_arguments(
     broadcast = normalize_axes("broadcast_dims", broadcast_dims, ndim)
     if set(broadcast) & set(axes):
         raise ValueError(
-            f"broadcast_dims must not contain a spatial axis: got broadcast_dims="
-            f"{axes_tuple('broadcast_dims', broadcast_dims)!r} with spatial axes {axes}."
+            f"broadcast_dims must not contain a spatial axis: got broadcast_dims={_as_given(broadcast_dims)!r} "
+            f"with spatial axes {axes}."
         )
     if min(shape[a] for a in axes) < 1:
         raise ValueError(f"spatial axes {axes} of shape {shape} must have sizes >= 1.")
