@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import numpy.typing as npt
 
+from dropblock_jax._checks import check_int
+
 NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -49,8 +51,7 @@ def upscale(images: np.ndarray, factor: int) -> np.ndarray:
       >>> upscale(np.zeros((2, 8, 8, 1), np.float32), 2).shape
       (2, 16, 16, 1)
     """
-    if not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"scale must be a positive int, got {factor!r}.")
+    factor = check_int("scale", factor, low=1)
     if factor == 1:
         return np.asarray(images, np.float32)
     n, h, w, c = images.shape
@@ -91,11 +92,7 @@ def load_digits(train_size: int = 300, scale: int = 2, split_seed: int = 0) -> D
     digits = sklearn_digits()
     images = digits.images.astype(np.float32)[..., None] / 16.0
     labels = digits.target.astype(np.int32)
-    if not isinstance(train_size, int) or not 10 <= train_size <= len(labels) - 10:
-        raise ValueError(
-            f"train_size must be an int in [10, {len(labels) - 10}] for the digits "
-            f"({len(labels)} images), got {train_size!r}."
-        )
+    train_size = check_int("train_size", train_size, 10, len(labels) - 10, f" for the digits ({len(labels)} images)")
     train = stratified_subset(labels, train_size, split_seed)
     test = np.setdiff1d(np.arange(len(labels)), train)
     images = upscale(images, scale)
@@ -164,8 +161,7 @@ def load_npz(path: str | os.PathLike, train_size: int | None = None, scale: int 
     y_test = _labels("y_test", arrays["y_test"], len(x_test))
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     if train_size is not None:
-        if not isinstance(train_size, int) or not 1 <= train_size <= len(x_train):
-            raise ValueError(f"train_size must be an int in [1, {len(x_train)}] for this file, got {train_size!r}.")
+        train_size = check_int("train_size", train_size, 1, len(x_train), " for this file")
         keep = stratified_subset(y_train, train_size, split_seed)
         x_train, y_train = x_train[keep], y_train[keep]
     x_train, x_test = _standardize(
@@ -184,10 +180,10 @@ def occlusion_corners(count: int, height: int, width: int, side: int, seed: int 
       An int array ``(count, 2)`` of (row, column).
 
     Raises:
-      ValueError: when ``side`` is not an int in [1, min(height, width)].
+      TypeError: when ``side`` is not an int.
+      ValueError: when it is not in [1, min(height, width)].
     """
-    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or not 1 <= side <= min(height, width):
-        raise ValueError(f"side must be an int in [1, {min(height, width)}] (the image's smaller side), got {side!r}.")
+    side = check_int("side", side, 1, min(height, width), " (the image's smaller side)")
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, height - side + 1, count)
     cols = rng.integers(0, width - side + 1, count)
@@ -208,6 +204,7 @@ def occlude(images: np.ndarray, side: int, fill: npt.ArrayLike, seed: int = 0) -
       seed: seed of the squares' positions.
 
     Raises:
+      TypeError: for a ``side`` that is not an int.
       ValueError: for images that are not 4-D, a bad ``side`` or a ``fill`` that is
         neither a scalar nor one value per channel.
 

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import numpy.typing as npt
 
+from dropblock_jax._checks import check_int
+
 # Two-sided 95% quantiles t_{0.975, df} of Student's t distribution for df = 1..30,
 # the standard table's values (to 4 decimals).
 _T_975 = (
@@ -33,15 +35,15 @@ def t_quantile_975(df: int) -> float:
       df: degrees of freedom, an int >= 1.
 
     Raises:
-      ValueError: when ``df`` is not an int >= 1.
+      TypeError: when ``df`` is not an int.
+      ValueError: when it is below 1.
 
     Examples:
       >>> from dropblock_jax.demo.stats import t_quantile_975
       >>> t_quantile_975(4)
       2.7764
     """
-    if isinstance(df, bool) or not isinstance(df, (int, np.integer)) or df < 1:
-        raise ValueError(f"df must be an int >= 1, got {df!r}.")
+    df = check_int("df", df, low=1)
     if df <= len(_T_975):
         return _T_975[df - 1]
     z, v = _Z_975, float(df)
