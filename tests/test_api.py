@@ -5,11 +5,18 @@ import inspect
 import dropblock_jax
 import dropblock_jax.linen
 import dropblock_jax.nnx
-from conftest import DROP_BLOCK_OPTION_DEFAULTS
+from helpers import DROP_BLOCK_OPTION_DEFAULTS
 
 
 def test_public_names():
-    for name in ["drop_block", "block_mask", "seed_rate", "expected_keep_fraction", "DropBlock"]:
+    for name in [
+        "drop_block",
+        "block_mask",
+        "seed_rate",
+        "expected_keep_fraction",
+        "linear_keep_prob_schedule",
+        "DropBlock",
+    ]:
         assert name in dropblock_jax.__all__
         assert callable(getattr(dropblock_jax, name))
     assert dropblock_jax.DropBlock is dropblock_jax.linen.DropBlock
@@ -29,19 +36,11 @@ def test_signatures_follow_the_contract():
     assert list(params)[:3] == ["keep_prob", "feature_shape", "block_size"]
     params = inspect.signature(dropblock_jax.expected_keep_fraction).parameters
     assert list(params)[:3] == ["gamma", "feature_shape", "block_size"]
+    params = inspect.signature(dropblock_jax.linear_keep_prob_schedule).parameters
+    assert list(params) == ["keep_prob", "total_steps"]
 
 
 def test_version_is_defined_once():
     from dropblock_jax._version import __version__
 
     assert dropblock_jax.__version__ == __version__
-
-
-def test_layer_constructors_take_keyword_arguments_only():
-    for init in [dropblock_jax.DropBlock.__init__, dropblock_jax.nnx.DropBlock.__init__]:
-        params = dict(inspect.signature(init).parameters)
-        del params["self"]
-        assert all(p.kind is p.KEYWORD_ONLY for p in params.values()), (init, params)
-        options = {n: p.default for n, p in params.items() if n in DROP_BLOCK_OPTION_DEFAULTS}
-        assert options == DROP_BLOCK_OPTION_DEFAULTS
-        assert (params["keep_prob"].default, params["block_size"].default) == (0.9, 7)

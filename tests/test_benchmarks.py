@@ -7,11 +7,16 @@ shapes) say nothing about speed.
 import json
 import math
 import os
-import pathlib
 import subprocess
 import sys
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+import pytest
+
+from helpers import ROOT
+
+BENCHMARKS = ROOT / "benchmarks"
+# Runs the benchmark scripts: newest versions only (make test-min leaves them out).
+pytestmark = pytest.mark.launches
 
 
 def run_script(name, *args):

@@ -6,17 +6,25 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from dropblock_jax.demo import main
 from dropblock_jax.demo.data import DataError, load_digits, load_npz, occlude, occlusion_corners
 from dropblock_jax.demo.stats import mean_over_grid, paired_difference, t_quantile_975
-from dropblock_jax.demo.train import METHODS, StressTest
+from dropblock_jax.demo.train import METHODS, REGULARIZERS, InferenceDropBlock, StressTest, dropout, spatial_dropout
+from dropblock_jax.models import resnet
+from dropblock_jax.nnx import DropBlock
+from helpers import layers_of
+from helpers import small_resnet as small
 
 METHOD_NAMES = [m.name for m in METHODS]
 
 
+@pytest.mark.launches
 def test_quick_run_writes_the_pictures_the_results_and_a_table_with_every_method(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, MPLBACKEND="Agg")
@@ -80,8 +88,8 @@ def test_t_quantiles_are_the_tables_and_continue_smoothly_past_it():
     scipy_stats = pytest.importorskip("scipy.stats")
     for df in range(1, 60):
         assert t_quantile_975(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-4)
-    for bad in (0, -1, 2.5, True, "3"):
-        with pytest.raises(ValueError, match=f"df must be an int >= 1, got {bad!r}"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError), ("3", TypeError)):
+        with pytest.raises(error, match=f"df must be an int >= 1, got {bad!r}"):
             t_quantile_975(bad)
 
 
@@ -142,18 +150,18 @@ def test_occlusion_replaces_exactly_one_square_per_image_and_repeats_for_a_seed(
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "error", "message"),
     [
-        (dict(side=0), r"side must be an int in \[1, 8\].*got 0"),
-        (dict(side=9), r"side must be an int in \[1, 8\].*got 9"),
-        (dict(side=2.5), r"side must be an int.*got 2.5"),
-        (dict(fill=np.zeros(3)), r"fill must be a scalar or one value per channel \(1\), got shape \(3,\)"),
-        (dict(images=np.zeros((8, 8, 1))), r"images must be 4-D NHWC.*got shape \(8, 8, 1\)"),
+        (dict(side=0), ValueError, r"side must be an int in \[1, 8\].*got 0"),
+        (dict(side=9), ValueError, r"side must be an int in \[1, 8\].*got 9"),
+        (dict(side=2.5), TypeError, r"side must be an int.*got 2.5"),
+        (dict(fill=np.zeros(3)), ValueError, r"fill must be a scalar or one value per channel \(1\), got shape \(3,\)"),
+        (dict(images=np.zeros((8, 8, 1))), ValueError, r"images must be 4-D NHWC.*got shape \(8, 8, 1\)"),
     ],
 )
-def test_occlusion_refuses_bad_arguments(kwargs, message):
+def test_occlusion_refuses_bad_arguments(kwargs, error, message):
     args = dict(images=np.zeros((2, 8, 8, 1), np.float32), side=4, fill=0.0) | kwargs
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         occlude(**args)
 
 
@@ -162,8 +170,8 @@ def test_occlusion_refuses_bad_arguments(kwargs, message):
     [
         (dict(keep_probs=(0.9, 0.5)), r"keep_probs must start at 1.0 and fall strictly.*\(0.9, 0.5\)"),
         (dict(keep_probs=(1.0, 0.5, 0.7)), "keep_probs must start at 1.0 and fall strictly"),
-        (dict(block_sizes=(0,)), r"block_sizes must be a non-empty tuple of positive ints, got \(0,\)"),
-        (dict(block_sizes=()), r"block_sizes must be a non-empty tuple of positive ints, got \(\)"),
+        (dict(block_sizes=(0,)), r"block_sizes must be a non-empty tuple of ints >= 1, got \(0,\)"),
+        (dict(block_sizes=()), r"block_sizes must be a non-empty tuple of ints >= 1, got \(\)"),
     ],
 )
 def test_stress_test_refuses_bad_settings(kwargs, message):
@@ -256,3 +264,83 @@ def test_bad_options_are_refused(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         main([*argv, "--out", str(tmp_path / "out")])
     assert re.search(message, capsys.readouterr().err)
+
+
+# ----------------------------------------------------------------------------------------
+# The comparison's regularizers at DropBlock's places, and DropBlock applied at inference.
+
+
+def test_every_method_names_a_regularizer_of_the_comparison():
+    assert {method.regularizer for method in METHODS} == set(REGULARIZERS)
+    assert (REGULARIZERS["none"], REGULARIZERS["dropblock"]) == ("none", "dropblock")
+
+
+@pytest.mark.parametrize(("regularizer", "broadcast_dims"), [(dropout, ()), (spatial_dropout, (1, 2))])
+def test_dropout_variants_take_the_same_places_with_the_same_rates(regularizer, broadcast_dims):
+    model = small(regularizer)
+    dropouts = layers_of(model, nnx.Dropout)
+    assert sorted(path[1:] for path in dropouts) == sorted(path[1:] for path in layers_of(small(), DropBlock))
+    for path, layer in dropouts.items():
+        assert layer.rate == pytest.approx(0.2 if path[1] == 2 else 0.05)
+        assert tuple(layer.broadcast_dims) == broadcast_dims
+    assert not layers_of(small("none"), nnx.Dropout) and not layers_of(small("none"), DropBlock)
+
+
+def test_inference_dropblock_gives_every_regularizer_the_same_masks_and_is_off_at_keep_1():
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
+
+    @nnx.jit
+    def forward(model, key, keep_prob):
+        return model(x, perturb=InferenceDropBlock(key, keep_prob, block_size=3))
+
+    outputs = {}
+    for regularizer in ("none", dropout, spatial_dropout, "dropblock"):
+        model = small(regularizer)  # same params: the regularizers hold none
+        model.eval()
+        # Compiled and op-by-op programs may round differently in the last bits; a dropped
+        # block moves the logits by orders of magnitude more (checked at keep_prob 0.5).
+        np.testing.assert_allclose(forward(model, jax.random.key(1), jnp.float32(1.0)), model(x), rtol=1e-5, atol=1e-6)
+        outputs[regularizer] = forward(model, jax.random.key(1), jnp.float32(0.5))
+        assert not np.allclose(outputs[regularizer], model(x), rtol=1e-3)
+    # Each regularizer compiles its own program (same tolerance, same reason).
+    for output in outputs.values():
+        np.testing.assert_allclose(output, outputs["none"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(forward(model, jax.random.key(2), jnp.float32(0.5)), outputs["none"], rtol=1e-3)
+
+
+def test_inference_dropblock_keeps_the_stage_ratio_unless_told_not_to():
+    x = jnp.ones((64, 8, 8, 16))
+    key = jax.random.key(0)
+    for per_stage, expected in ((True, 1 - 0.5 / 4), (False, 0.5)):
+        probe = InferenceDropBlock(key, 0.5, block_size=1, per_stage=per_stage, normalize="none")
+        kept = float((probe(x, (1, 0, 0), stages_from_last=1) != 0).mean())
+        assert kept == pytest.approx(expected, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(keep_prob=1.5), r"keep_prob must be in \[0, 1\], got 1.5"),
+        (dict(block_size=0), "block_size entries must be >= 1, got 0"),
+        (dict(block_size=(3, -1)), r"block_size entries must be >= 1, got \(3, -1\)"),
+    ],
+)
+def test_inference_dropblock_refuses_bad_arguments(kwargs, message):
+    args = dict(key=jax.random.key(0), keep_prob=0.9) | kwargs
+    with pytest.raises(ValueError, match=message):
+        InferenceDropBlock(**args)
+    with pytest.raises(TypeError, match="per_stage must be a bool, got 'yes'"):
+        InferenceDropBlock(key=jax.random.key(0), keep_prob=0.9, per_stage="yes")
+
+
+def test_inference_dropblock_perturbs_an_eval_resnet50_and_is_off_at_keep_1():
+    model = resnet(50, 10, base_width=4, regularizer="none", rngs=nnx.Rngs(0))
+    model.eval()
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+    @nnx.jit
+    def forward(model, keep_prob):
+        return model(images, perturb=InferenceDropBlock(jax.random.key(1), keep_prob, block_size=2))
+
+    np.testing.assert_allclose(forward(model, np.float32(1.0)), model(images), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(forward(model, np.float32(0.5)), model(images), rtol=1e-3)

@@ -2,13 +2,13 @@
 
 import itertools
 
-import _reference
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import dropblock_jax as db
+import helpers
 from dropblock_jax import _mask
 
 MODES = list(itertools.product(["valid", "everywhere"], ["paper", "calibrated"], ["batch", "expected", "none"]))
@@ -96,8 +96,8 @@ def test_normalize_expected_with_the_paper_gamma_scales_by_one_over_the_expected
     sizes, block, keep, seed_region
 ):
     # The paper's gamma keeps more than keep_prob (blocks overlap), so 1 / keep_prob would be wrong.
-    gamma = _reference.paper_gamma(keep, sizes, block, seed_region)
-    expected_scale = 1.0 / _reference.expected_keep_fraction(gamma, sizes, block, seed_region)
+    gamma = helpers.paper_gamma(keep, sizes, block, seed_region)
+    expected_scale = 1.0 / helpers.expected_keep_fraction(gamma, sizes, block, seed_region)
     assert abs(expected_scale * keep - 1.0) > 1e-3
     ones = jnp.ones((4, *sizes, 8))
     y = np.asarray(db.drop_block(jax.random.key(0), ones, keep, block, seed_region=seed_region, normalize="expected"))
@@ -197,10 +197,10 @@ def test_gradient_is_mask_times_scale():
     x = _x()
     key = jax.random.key(2)
     mask = np.asarray(db.block_mask(key, x.shape, 0.8, 3))
-    gamma = _reference.paper_gamma(0.8, SHAPE[1:3], 3)
+    gamma = helpers.paper_gamma(0.8, SHAPE[1:3], 3)
     scales = {
         "batch": mask.size / mask.sum(),
-        "expected": 1.0 / _reference.expected_keep_fraction(gamma, SHAPE[1:3], 3),
+        "expected": 1.0 / helpers.expected_keep_fraction(gamma, SHAPE[1:3], 3),
         "none": 1.0,
     }
     weights = np.asarray(_x(dtype=jnp.float32) ** 2)  # a loss that weighs every unit differently

@@ -25,6 +25,8 @@ from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "imagenet"
+# Runs examples/imagenet: newest versions only (make test-min leaves it out).
+pytestmark = pytest.mark.launches
 sys.path[:0] = [str(EXAMPLE), str(ROOT / "examples")]
 import input_pipeline  # noqa: E402
 import prepare  # noqa: E402

@@ -2,10 +2,8 @@
 
 import importlib
 import os
-import pathlib
 import subprocess
 import sys
-import tomllib
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import PORTED_CALLS, assert_keep_prob_conversion_error, assert_mean_matches
 from dropblock_jax import drop_block
 from dropblock_jax.keras import DropBlock, KeepProbScheduler, set_keep_prob
-
-PYPROJECT = tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+from helpers import PYPROJECT, assert_mean_matches
 
 X_NHWC = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
 
@@ -287,15 +283,6 @@ def test_broadcast_dims_that_do_not_fit_the_input_fail_when_the_model_is_built()
         keras.Sequential([keras.Input((8, 8, 3)), DropBlock(block_size=3, broadcast_dims=(-2,))])
 
 
-def test_options_reach_drop_block():
-    options = {"seed_region": "everywhere", "gamma": "calibrated", "normalize": "expected"}
-    layer = DropBlock(keep_prob=0.6, block_size=(3, 2), seed=5, **options)
-    key = _key_of_next_draw(layer)
-    np.testing.assert_array_equal(
-        layer(X_NHWC, training=True), drop_block(key, X_NHWC, 0.6, (3, 2), spatial_axes=(1, 2), **options)
-    )
-
-
 def test_mixed_precision_keeps_a_float32_rate():
     layer = DropBlock(keep_prob=0.7, block_size=3, dtype="mixed_float16", seed=2)
     key = _key_of_next_draw(layer)
@@ -370,12 +357,6 @@ def test_set_keep_prob_counts_layers_and_refuses_a_model_without_any():
         set_keep_prob(outer, 1.5)
 
 
-@pytest.mark.parametrize(("args", "kwargs", "received"), PORTED_CALLS)
-def test_a_dropout_style_rate_is_refused_with_keep_prob_one_minus_rate(args, kwargs, received):
-    # keras.layers.Dropout(0.1) drops 10%; DropBlock(0.1) would keep 10%.
-    assert_keep_prob_conversion_error(lambda: DropBlock(*args, **kwargs), "DropBlock", received)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -406,16 +387,11 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
         DropBlock(**kwargs)
 
 
+# Arguments that fail at construction for Keras's data formats (tests/test_layers.py checks
+# those that fail for every layer).
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
-        ({"keep_prob": 1.5}, ValueError),
-        ({"block_size": 0}, ValueError),
-        ({"block_size": (3, 0)}, ValueError),
-        ({"seed_region": "same"}, ValueError),
-        ({"gamma": "exact"}, ValueError),
-        ({"normalize": "mean"}, ValueError),
-        ({"broadcast_dims": (0.5,)}, TypeError),
         ({"broadcast_dims": (3, 3)}, ValueError),
         ({"broadcast_dims": (1,), "block_size": (3, 3)}, ValueError),
         ({"broadcast_dims": (2,), "block_size": (3, 3)}, ValueError),

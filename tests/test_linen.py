@@ -12,44 +12,10 @@ from flax import errors
 from flax import linen as nn
 
 import dropblock_jax
-from conftest import PORTED_CALLS, assert_keep_prob_conversion_error
 from dropblock_jax import DropBlock, drop_block
+from helpers import BAD_LAYER_ARGUMENTS, PORTED_CALLS, assert_keep_prob_conversion_error, bits, drop_block_error
 
 X = jax.random.normal(jax.random.key(42), (2, 8, 8, 3))
-
-# Layer arguments that are wrong for every input, each layer's DropBlock(keep_prob=0.9,
-# block_size=3, **arguments) must refuse at construction as drop_block refuses at the call.
-BAD_LAYER_ARGUMENTS = [
-    {"keep_prob": 1.5},
-    {"keep_prob": -0.1},
-    {"keep_prob": float("nan")},
-    {"keep_prob": "0.9"},
-    {"keep_prob": np.full(2, 0.9)},
-    {"block_size": 0},
-    {"block_size": (3, 0)},
-    {"block_size": 2.5},
-    {"block_size": (3, 3), "spatial_axes": (1,)},
-    {"block_size": (3,), "spatial_axes": (1, 2)},
-    {"spatial_axes": ()},
-    {"spatial_axes": (1, 1)},
-    {"spatial_axes": (1.0, 2)},
-    {"broadcast_dims": ("c",)},
-    {"broadcast_dims": (0, 0)},
-    {"spatial_axes": (1, 2), "broadcast_dims": (2,)},
-    {"seed_region": "same"},
-    {"gamma": "exact"},
-    {"normalize": "mean"},
-    {"axis_name": 0},
-]
-
-
-def drop_block_error(arguments):
-    """The exception type and message of drop_block on ``X`` with keep_prob 0.9, block 3 and ``arguments``."""
-    try:
-        drop_block(jax.random.key(0), X, **{"keep_prob": 0.9, "block_size": 3, **arguments})
-    except (TypeError, ValueError) as error:
-        return type(error), str(error)
-    raise AssertionError(f"drop_block accepted {arguments}")
 
 
 class _MakeRng(nn.Module):
@@ -61,12 +27,6 @@ class _MakeRng(nn.Module):
         return self.make_rng(self.collection)
 
 
-def _bits(a):
-    """Bit pattern of an array, so NaN and -0.0 compare exactly."""
-    a = np.asarray(a)
-    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-
-
 def test_exported_from_package_and_module():
     assert dropblock_jax.DropBlock is dropblock_jax.linen.DropBlock
 
@@ -76,16 +36,18 @@ class _Subclass(DropBlock):
 
 
 @pytest.mark.parametrize(("args", "kwargs", "received"), PORTED_CALLS)
-@pytest.mark.parametrize("layer", [DropBlock, nn.remat(DropBlock), _Subclass], ids=["DropBlock", "remat", "subclass"])
-def test_a_ported_drop_rate_gets_the_keep_prob_conversion(layer, args, kwargs, received):
-    # DropBlock(0.1) would keep 10% where nn.Dropout(0.1) drops 10%.
+@pytest.mark.parametrize("layer", [nn.remat(DropBlock), _Subclass], ids=["remat", "subclass"])
+def test_a_ported_drop_rate_gets_the_keep_prob_conversion_through_flax_transforms_and_subclasses(
+    layer, args, kwargs, received
+):
+    # DropBlock(0.1) would keep 10% where nn.Dropout(0.1) drops 10%; tests/test_layers.py checks DropBlock itself.
     assert_keep_prob_conversion_error(lambda: layer(*args, **kwargs), layer.__name__, received)
 
 
 @pytest.mark.parametrize("arguments", BAD_LAYER_ARGUMENTS, ids=str)
-def test_bad_attributes_fail_at_construction_with_drop_blocks_message(arguments):
-    error, message = drop_block_error(arguments)
-    for make in (DropBlock, nn.remat(DropBlock), DropBlock(keep_prob=0.9, block_size=3).clone):
+def test_bad_attributes_fail_with_drop_blocks_message_through_remat_and_clone(arguments):
+    error, message = drop_block_error(X, arguments)
+    for make in (nn.remat(DropBlock), DropBlock(keep_prob=0.9, block_size=3).clone):
         with pytest.raises(error) as info:
             make(**{"keep_prob": 0.9, "block_size": 3, **arguments})
         assert str(info.value) == message
@@ -100,7 +62,7 @@ def test_an_argument_equal_to_an_accepted_one_but_of_another_type_is_still_refus
         {"keep_prob": 1, "block_size": (1, 3.0), "broadcast_dims": (0,)},
         {"keep_prob": 1, "block_size": (1, 3), "broadcast_dims": (False,)},
     ):
-        error, message = drop_block_error(arguments)
+        error, message = drop_block_error(X, arguments)
         with pytest.raises(error) as info:
             DropBlock(**arguments)
         assert str(info.value) == message
@@ -109,7 +71,7 @@ def test_an_argument_equal_to_an_accepted_one_but_of_another_type_is_still_refus
 def test_what_depends_on_the_input_is_checked_at_the_call():
     # Axis 1 is spatial in an (N, H, W, C) input but not in an (N, T, H, W, C) one.
     layer = DropBlock(keep_prob=0.6, block_size=3, broadcast_dims=(1,), deterministic=False)
-    error, message = drop_block_error({"broadcast_dims": (1,)})
+    error, message = drop_block_error(X, {"broadcast_dims": (1,)})
     key = jax.random.key(4)
     with pytest.raises(error) as info:
         layer.apply({}, X, rng=key)
@@ -170,7 +132,7 @@ def test_deterministic_returns_inputs_unchanged(where):
     else:
         y = DropBlock(keep_prob=0.1, block_size=3).apply({}, x, deterministic=True)
     assert y.dtype == x.dtype
-    np.testing.assert_array_equal(_bits(y), _bits(x))
+    np.testing.assert_array_equal(bits(y), bits(x))
 
 
 def test_deterministic_needs_no_rng():
@@ -235,20 +197,6 @@ def test_fields_reach_drop_block():
     y = DropBlock(keep_prob=0.7, block_size=(3, 2), deterministic=False, **options).apply({}, x, rng=key)
     np.testing.assert_array_equal(y, drop_block(key, x, 0.7, (3, 2), **options))
     np.testing.assert_array_equal(y[0] == 0, y[1] == 0)
-
-
-def test_call_time_keep_prob_overrides_the_field():
-    key = jax.random.key(2)
-    layer = DropBlock(keep_prob=0.5, block_size=3, deterministic=False)
-    np.testing.assert_array_equal(_bits(layer.apply({}, X, rng=key, keep_prob=1.0)), _bits(X))
-    np.testing.assert_array_equal(layer.apply({}, X, rng=key, keep_prob=0.0), jnp.zeros_like(X))
-    np.testing.assert_array_equal(layer.apply({}, X, rng=key, keep_prob=0.8), drop_block(key, X, 0.8, 3))
-
-
-@pytest.mark.parametrize("bad", [1.5, -0.1])
-def test_bad_call_time_keep_prob_names_the_argument(bad):
-    with pytest.raises(ValueError, match="keep_prob"):
-        DropBlock(keep_prob=0.5, block_size=3, deterministic=False).apply({}, X, rng=jax.random.key(0), keep_prob=bad)
 
 
 class _CNN(nn.Module):

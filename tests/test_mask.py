@@ -6,40 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from numpy.lib.stride_tricks import sliding_window_view
 
 import dropblock_jax as db
-from conftest import assert_mean_matches
 from dropblock_jax import _checks, _geometry, _mask
-
-
-def _first_offset(block, seed_region):
-    """Offset from a seed's grid index to the first position of its block."""
-    return 0 if seed_region == "valid" else -((block - 1) // 2)
-
-
-def _dilate_reference(seeds, blocks, sizes, seed_region):
-    """Brute force: mark the (clipped) block of every seed."""
-    dropped = np.zeros(sizes, bool)
-    for index in zip(*np.nonzero(seeds)):
-        region = tuple(
-            slice(max(0, i + _first_offset(b, seed_region)), min(s, i + _first_offset(b, seed_region) + b))
-            for i, b, s in zip(index, blocks, sizes)
-        )
-        dropped[region] = True
-    return dropped
-
-
-def _is_union_of_blocks(dropped, blocks, seed_region):
-    """True if ``dropped`` is exactly the union of the (clipped) blocks it contains."""
-    blocks = tuple(min(b, s) for b, s in zip(blocks, dropped.shape))
-    if seed_region == "valid":
-        padded = dropped
-    else:
-        # Outside the map counts as dropped, so blocks cut at the border qualify.
-        padded = np.pad(dropped, [((b - 1) // 2, b // 2) for b in blocks], constant_values=True)
-    whole = sliding_window_view(padded, blocks).reshape(*np.array(padded.shape) - blocks + 1, -1).all(-1)
-    return np.array_equal(_dilate_reference(whole, blocks, dropped.shape, seed_region), dropped)
+from helpers import assert_mean_matches, dilate_reference, is_union_of_blocks
 
 
 def _unpack(packed_words, axis, size, per_word=32):
@@ -72,7 +42,7 @@ def test_mask_is_the_dilation_of_its_seeds(seed_region, sizes, block, channels):
     kept = np.asarray(packed.kept())
     assert seeds.any() and kept.shape == shape
     for n, c in itertools.product(range(shape[0]), range(shape[-1])):
-        expected = _dilate_reference(seeds[n, ..., c], block, sizes, seed_region)
+        expected = dilate_reference(seeds[n, ..., c], block, sizes, seed_region)
         np.testing.assert_array_equal(~kept[n, ..., c], expected)
 
 
@@ -83,7 +53,7 @@ def test_dropped_region_is_a_union_of_blocks(seed_region, sizes, block):
     mask = np.asarray(mask)
     blocks = _checks.parse_block_size(block)
     for n, c in itertools.product(range(8), range(4)):
-        assert _is_union_of_blocks(~mask[n, ..., c], blocks, seed_region)
+        assert is_union_of_blocks(~mask[n, ..., c], blocks, seed_region)
 
 
 def test_valid_blocks_stay_inside_and_everywhere_blocks_are_cut():
@@ -151,7 +121,7 @@ def test_dimensions_and_layouts(shape, block, spatial_axes):
     maps = np.moveaxis(mask, others, list(range(len(others)))).reshape(-1, *[shape[a] for a in axes])
     assert (~maps).any()
     for dropped in ~maps:
-        assert _is_union_of_blocks(dropped, block, "valid")
+        assert is_union_of_blocks(dropped, block, "valid")
 
 
 def test_unbatched_input_under_vmap():
@@ -231,6 +201,6 @@ def test_every_axis_spatial():
     x = jnp.ones((20, 30))
     mask = np.asarray(db.block_mask(jax.random.key(0), x.shape, 0.7, (3, 5), spatial_axes=(0, 1)))
     assert mask.shape == (20, 30) and (~mask).any()
-    assert _is_union_of_blocks(~mask, (3, 5), "valid")
+    assert is_union_of_blocks(~mask, (3, 5), "valid")
     y = db.drop_block(jax.random.key(0), x, 0.7, (3, 5), spatial_axes=(0, 1))
     np.testing.assert_allclose(np.sum(np.asarray(y, np.float64)), x.size, rtol=1e-6)

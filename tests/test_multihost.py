@@ -26,7 +26,7 @@ PROCESSES = 2
 # that is busy with something else.
 TIMEOUT_S = 600
 
-pytestmark = pytest.mark.multihost
+pytestmark = [pytest.mark.multihost, pytest.mark.launches]
 
 
 def _free_port() -> int:

@@ -6,11 +6,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_linen import BAD_LAYER_ARGUMENTS, drop_block_error
 
-from conftest import PORTED_CALLS, assert_keep_prob_conversion_error
 from dropblock_jax import drop_block
 from dropblock_jax.nnx import DropBlock, set_keep_prob
+from helpers import drop_block_error
 
 X = jax.random.normal(jax.random.key(42), (2, 8, 8, 3))
 
@@ -119,24 +118,10 @@ def test_call_time_rngs_accept_every_key_drop_block_accepts():
     np.testing.assert_array_equal(layer(X, rngs=rbg), drop_block(rbg, X, 0.6, 3))
 
 
-@pytest.mark.parametrize(("args", "kwargs", "received"), PORTED_CALLS)
-def test_a_ported_drop_rate_gets_the_keep_prob_conversion(args, kwargs, received):
-    # DropBlock(0.1) would keep 10% where nnx.Dropout(0.1) drops 10%.
-    assert_keep_prob_conversion_error(lambda: DropBlock(*args, **kwargs, rngs=nnx.Rngs(0)), "DropBlock", received)
-
-
-@pytest.mark.parametrize("arguments", BAD_LAYER_ARGUMENTS, ids=str)
-def test_bad_arguments_fail_at_construction_with_drop_blocks_message(arguments):
-    error, message = drop_block_error(arguments)
-    with pytest.raises(error) as info:
-        DropBlock(**{"keep_prob": 0.9, "block_size": 3, **arguments}, rngs=nnx.Rngs(0))
-    assert str(info.value) == message
-
-
 def test_what_depends_on_the_input_is_checked_at_the_call():
     # Axis 1 is spatial in an (N, H, W, C) input but not in an (N, T, H, W, C) one.
     layer = DropBlock(keep_prob=0.6, block_size=3, broadcast_dims=(1,), rngs=nnx.Rngs(dropout=0))
-    error, message = drop_block_error({"broadcast_dims": (1,)})
+    error, message = drop_block_error(X, {"broadcast_dims": (1,)})
     with pytest.raises(error) as info:
         layer(X)
     assert str(info.value) == message
@@ -186,12 +171,6 @@ def test_call_time_rngs_override_the_layer_stream():
     np.testing.assert_array_equal(layer(X, rngs=nnx.Rngs(dropout=9)["dropout"]), expected)
     # The layer's own stream was not consumed by the overrides.
     np.testing.assert_array_equal(layer(X), drop_block(_stream_keys(0, 1)[0], X, 0.6, 3))
-
-
-def test_call_time_keep_prob_overrides_the_stored_value():
-    layer = DropBlock(keep_prob=0.6, block_size=3, rngs=nnx.Rngs(dropout=0))
-    np.testing.assert_array_equal(layer(X, keep_prob=1.0), X)
-    np.testing.assert_array_equal(layer(X, keep_prob=0.8), drop_block(_stream_keys(0, 2)[1], X, 0.8, 3))
 
 
 def test_keep_prob_is_data_not_a_parameter():

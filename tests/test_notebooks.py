@@ -7,12 +7,12 @@ on an error or on anything written to stderr, so they run once per ``make test``
 """
 
 import json
-import pathlib
 import re
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 # A top-level call that draws a figure: plt.show() or the first notebook's show() helper.

@@ -12,15 +12,16 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import tomllib
 import zipfile
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+from helpers import PYPROJECT, ROOT
+
+# Builds and installs the wheel: newest versions only (make test-min leaves it out).
+pytestmark = pytest.mark.launches
 PACKAGE = "dropblock_jax"
 DISTRIBUTION = "dropblock-jax"
 # The command after ``pip install``, up to the end of its line, code span or string.
@@ -244,7 +245,7 @@ def test_the_install_line_check_tells_working_lines_from_broken_ones(tmp_path):
     working = [
         f"{PIP} .",
         f"{PIP} '.[keras]'",
-        f'python -m {PIP} --quiet -e ".[test]"',
+        f'python -m {PIP} --quiet -e ".[docs]"',
         f"{PIP} dist/dropblock_jax-*.whl -r bare.txt && python train.py",
         f"{PIP} -U 'jax[tpu]' . -r bare.txt",
         f"{PIP} -r others.txt",

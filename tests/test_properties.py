@@ -4,7 +4,7 @@ The generators draw arrays of rank 1 to 5 with 1 to 3 spatial axes anywhere (giv
 explicitly, negative or not, or the default layout), blocks up to larger than the map,
 ``broadcast_dims`` among the other axes, every mode, float16/bfloat16/float32, every key
 kind, and ``keep_prob`` in [0, 1] with both ends. Sizes stay tiny: XLA's compile time is
-what each example costs. The example budget is a Hypothesis profile (tests/conftest.py):
+what each example costs. The example budget is a Hypothesis profile (conftest.py):
 ``HYPOTHESIS_PROFILE=thorough`` draws many more.
 """
 
@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_mask import _is_union_of_blocks
 
 import dropblock_jax as db
-from conftest import available_key_impls
+from helpers import available_key_impls, is_union_of_blocks
 
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
@@ -199,7 +198,7 @@ def test_drop_block_zeroes_the_blocks_of_its_mask_and_scales_the_rest(case):
     overflowing = ~representable
     assert (np.abs(y[overflowing]) >= largest / (1 + rtol)).all() and (np.sign(y) == np.sign(x))[overflowing].all()
     for dropped in _maps(~mask, case.spatial):
-        assert _is_union_of_blocks(dropped, case.block, case.options["seed_region"])
+        assert is_union_of_blocks(dropped, case.block, case.options["seed_region"])
 
 
 @given(case=legal_cases())

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import xxhash
-from test_stable_masks import _sliced_without_materializing
 
 from dropblock_jax import _random
+from helpers import sliced_without_materializing
 
 
 def _reference(words, seed):
@@ -119,7 +119,7 @@ def test_no_key_gives_a_shifted_copy_of_another_keys_bits():
 )
 def test_position_bits_past_2_to_the_32_elements_are_xxh32_of_column_and_row_hash(shape, leading, index):
     # The real split, not a patched limit: a slice of the program computes only its elements.
-    bits = _sliced_without_materializing(lambda k: _random.position_bits(k, shape)[index], KEY_WITH_TWO_WORDS)
+    bits = sliced_without_materializing(lambda k: _random.position_bits(k, shape)[index], KEY_WITH_TWO_WORDS)
     first, second = _key_words(KEY_WITH_TWO_WORDS)
     *fixed, last = index
     expected = []

@@ -4,13 +4,13 @@ import itertools
 import math
 import re
 
-import _reference
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import dropblock_jax as db
+import helpers
 from dropblock_jax import _functional, _mask
 
 # ResNet-50's first group at a global batch of 4096: 3.3e9 units.
@@ -84,7 +84,7 @@ def test_count_in_parts_equals_a_direct_count(monkeypatch):
     shape = (6, 9, 9, 13)
     mask = db.block_mask(KEY, shape, 0.6, 3)
     layout = _functional._layout(shape, 3, None, (), "valid", "paper")
-    packed = _mask.packed_block_mask(KEY, layout, jnp.float32(_reference.paper_gamma(0.6, (9, 9), 3)))
+    packed = _mask.packed_block_mask(KEY, layout, jnp.float32(helpers.paper_gamma(0.6, (9, 9), 3)))
     assert 0 < int(mask.sum()) < mask.size
     assert _count(packed) == int(mask.sum())
 

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import dropblock_jax as db
-from conftest import available_key_impls
 from dropblock_jax import _geometry, _mask, _random
+from helpers import available_key_impls, sliced_without_materializing
 
 POLICY = (
     "Mask bits changed. Masks for a given key and arguments are stable within a minor version line: "
@@ -153,18 +153,6 @@ def _output():
     return hashlib.sha256(y.tobytes()).hexdigest()
 
 
-def _sliced_without_materializing(fn, *args):
-    """Runs ``fn`` under jit after checking XLA computes only its (small) result.
-
-    The hash is elementwise in the position, so XLA fuses the slice into it; should that
-    ever stop, this fails here instead of allocating an array of 2**32 elements.
-    """
-    compiled = jax.jit(fn).lower(*args).compile()
-    temp_bytes = compiled.memory_analysis().temp_size_in_bytes
-    assert temp_bytes < 2**20, f"the sliced program would allocate {temp_bytes} bytes of temporaries"
-    return np.asarray(compiled(*args))
-
-
 def _huge_seed_draw(monkeypatch):
     """The seed-word shape and flags per word that the mask of HUGE_SHAPE draws."""
     draws = []
@@ -186,7 +174,7 @@ def _huge_seeds(monkeypatch, key):
     shape, per_word = _huge_seed_draw(monkeypatch)
     assert np.prod(shape, dtype=np.int64) * per_word > 2**32
     gamma = db.seed_rate(HUGE_KEEP_PROB, HUGE_SHAPE[1:3], HUGE_BLOCK)
-    words = _sliced_without_materializing(
+    words = sliced_without_materializing(
         lambda k, g: _mask.bernoulli_seed_words(k, shape, g, per_word)[-1, -2:], KEYS[key](), gamma
     )
     seeds = int(np.bitwise_count(words).sum())
@@ -196,7 +184,7 @@ def _huge_seeds(monkeypatch, key):
 def _position_bits(key, shape):
     index, _ = POSITION_SLICES[key, shape]
     assert np.prod(shape, dtype=np.int64) > 2**32
-    bits = _sliced_without_materializing(lambda k: _random.position_bits(k, shape)[index], KEYS[key]())
+    bits = sliced_without_materializing(lambda k: _random.position_bits(k, shape)[index], KEYS[key]())
     return tuple(int(b) for b in bits)
 
 

@@ -1,14 +1,14 @@
 """Realized keep fractions against the exact expectation, and a NumPy reference of
 the authors' algorithm (paper Algorithm 1 with the valid seed region)."""
 
-import _reference
 import jax
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 import dropblock_jax as db
-from conftest import assert_mean_matches
+import helpers
+from helpers import assert_mean_matches
 
 CASES = [
     # (spatial sizes, block, keep_prob)
@@ -37,8 +37,8 @@ def test_realized_keep_fraction_equals_the_expectation(sizes, block, keep, seed_
     if gamma == "calibrated":
         expected = keep
     else:
-        rate = _reference.paper_gamma(keep, sizes, block, seed_region)
-        expected = _reference.expected_keep_fraction(rate, sizes, block, seed_region)
+        rate = helpers.paper_gamma(keep, sizes, block, seed_region)
+        expected = helpers.expected_keep_fraction(rate, sizes, block, seed_region)
     realized = _realized_keep_fractions(sizes, block, keep, seed_region=seed_region, gamma=gamma)
     assert_mean_matches(realized, expected)
 
@@ -47,19 +47,19 @@ def test_realized_keep_fraction_equals_the_expectation(sizes, block, keep, seed_
 def test_calibrated_gamma_hits_keep_prob_where_the_paper_gamma_does_not(seed_region):
     paper = float(db.seed_rate(0.9, (14, 14), 7, seed_region=seed_region))
     calibrated = float(db.seed_rate(0.9, (14, 14), 7, seed_region=seed_region, gamma="calibrated"))
-    assert abs(_reference.expected_keep_fraction(paper, (14, 14), 7, seed_region) - 0.9) > 0.005
-    np.testing.assert_allclose(_reference.expected_keep_fraction(calibrated, (14, 14), 7, seed_region), 0.9, atol=1e-6)
+    assert abs(helpers.expected_keep_fraction(paper, (14, 14), 7, seed_region) - 0.9) > 0.005
+    np.testing.assert_allclose(helpers.expected_keep_fraction(calibrated, (14, 14), 7, seed_region), 0.9, atol=1e-6)
     for sizes, block in [((7, 7), 7), ((30,), 3), ((6, 7, 8), (2, 3, 4)), ((56, 56), 7)]:
         # The solver itself is exact to float64 round-off ...
         with jax.enable_x64(True):
             for keep in [0.999, 0.9, 0.5, 0.1, 1e-4]:
                 rate = float(db.seed_rate(keep, sizes, block, seed_region=seed_region, gamma="calibrated"))
-                fraction = _reference.expected_keep_fraction(rate, sizes, block, seed_region)
+                fraction = helpers.expected_keep_fraction(rate, sizes, block, seed_region)
                 np.testing.assert_allclose(fraction, keep, rtol=1e-10)
         # ... and in float32 to float32 round-off of gamma, for the keep_probs DropBlock uses.
         for keep in [0.999, 0.9, 0.5]:
             rate = float(db.seed_rate(keep, sizes, block, seed_region=seed_region, gamma="calibrated"))
-            fraction = _reference.expected_keep_fraction(rate, sizes, block, seed_region)
+            fraction = helpers.expected_keep_fraction(rate, sizes, block, seed_region)
             np.testing.assert_allclose(fraction, keep, rtol=1e-5)
 
 
@@ -101,7 +101,7 @@ def test_agrees_with_a_numpy_reference_of_the_authors_algorithm(sizes, block, ke
         fractions.append(kept.mean())
         np.testing.assert_allclose(y.sum(), x.size)
     np.testing.assert_allclose(db.seed_rate(keep, sizes, block), gamma, rtol=1e-6)
-    expected = _reference.expected_keep_fraction(gamma, sizes, block)
+    expected = helpers.expected_keep_fraction(gamma, sizes, block)
     # The reference realizes our exact expectation ...
     assert_mean_matches(fractions, expected)
     # ... and so do we, with the same spread across draws.

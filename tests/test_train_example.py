@@ -23,6 +23,9 @@ import pod  # noqa: E402
 import train as example  # noqa: E402
 
 # Steps 0..5 of a schedule 1 -> 0.7; stopped after step 3 (as if preempted), checkpoints every 2 steps.
+# Runs examples/train.py: newest versions only (make test-min leaves it out).
+pytestmark = pytest.mark.launches
+
 CONFIG = example.Config(steps=6, global_batch=16, keep_prob=0.7, widths=(4, 8))
 STOP = 3
 SIGTERM_STEP = 2
