@@ -1,5 +1,6 @@
 """python -m dropblock_jax.demo: the quick run's outputs, and clear errors for bad --data."""
 
+import importlib
 import json
 import os
 import re
@@ -79,6 +80,18 @@ def check_stress_results(results, stdout):
     paper = results["paired_to_dropout"]["metrics"]
     assert sorted(paper) == sorted(paired) and list(paper["area_b3"]) == ["dropblock", "dropblock_scheduled"]
     assert "occluded" in stdout and "difference to none" in stdout and "difference to dropout" in stdout
+
+
+def test_without_the_demo_extra_the_import_error_names_every_missing_package(monkeypatch):
+    find_spec = importlib.util.find_spec
+    absent = {"sklearn", "tqdm"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else find_spec(name, *a))
+    for module in ("dropblock_jax.demo", "dropblock_jax.demo._requirements", "dropblock_jax.demo.cli"):
+        monkeypatch.delitem(sys.modules, module)
+    with pytest.raises(ImportError, match=r"the demo needs scikit-learn, tqdm, which are not installed") as info:
+        importlib.import_module("dropblock_jax.demo")
+    # Quoted, so that zsh does not read the brackets.
+    assert "pip install '.[demo]'" in str(info.value)
 
 
 def test_t_quantiles_are_the_tables_and_continue_smoothly_past_it():

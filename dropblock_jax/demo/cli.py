@@ -13,13 +13,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from dropblock_jax.demo.data import load_digits, load_npz, occlude
+from dropblock_jax.demo.plots import plot_curves, plot_mask_gallery, plot_robustness
 from dropblock_jax.demo.stats import mean_over_grid, paired_difference
+from dropblock_jax.demo.train import METHODS, StressTest, TrainConfig, train_one
 
-# The default: 300 training images (30 a class) overfit within a few epochs (train
-# accuracy 100%). 5 seeds, because the paired intervals need them (3 seeds: t = 4.30,
-# 5 seeds: 2.78); 30 epochs x 5 seeds x 5 methods, held-out accuracy every 5 epochs and
-# the stress tests of every model fit in about four minutes on 2 cores.
+# The default: 300 training images (30 a class), which the network overfits within a few
+# epochs (docs/demo.md). 5 seeds, because the paired intervals need them (Student's t
+# quantile is 4.30 for 3 seeds, 2.78 for 5); 30 epochs x 5 seeds x 5 methods, held-out
+# accuracy every 5 epochs and the stress tests of every model (docs/demo.md gives the time).
 # Inference keep_probs of the robustness curves (the last stage's; the stage before keeps
 # the training ratio). At 1.0 DropBlock is the identity: the clean accuracy.
 DEFAULTS: dict[str, Any] = dict(
@@ -186,21 +190,6 @@ def format_paired_table(paired: dict) -> str:
     return "\n".join(lines)
 
 
-def _missing_demo_packages() -> list[str]:
-    missing = []
-    for module, package in (
-        ("optax", "optax"),
-        ("sklearn", "scikit-learn"),
-        ("matplotlib", "matplotlib"),
-        ("tqdm", "tqdm"),
-    ):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(package)
-    return missing
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs the demo; returns the exit status. See ``python -m dropblock_jax.demo --help``."""
     parser = _parser()
@@ -209,19 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         _check_positive(parser, "--" + name.replace("_", "-"), getattr(args, name))
     if not 0.0 <= args.keep_prob <= 1.0:
         parser.error(f"--keep-prob must be in [0, 1], got {args.keep_prob}.")
-    missing = _missing_demo_packages()
-    if missing:
-        parser.error(f"the demo needs {', '.join(missing)}: pip install '.[demo]' in a checkout (or make demo).")
-
     if args.quick:
-        # Read when JAX first initializes its backend, which nothing before this line does.
+        # Read when JAX first initializes its backend, which nothing before this line does
+        # (importing JAX, Flax and the demo's modules does not).
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-
-    from tqdm import tqdm
-
-    from dropblock_jax.demo import data as data_lib
-    from dropblock_jax.demo import plots
-    from dropblock_jax.demo.train import METHODS, StressTest, TrainConfig, train_one
 
     preset = QUICK if args.quick else DEFAULTS
     seeds = args.seeds or preset["seeds"]
@@ -230,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.data is None:
             scale = args.scale or 2
-            dataset = data_lib.load_digits(args.train_size or preset["train_size"], scale)
+            dataset = load_digits(args.train_size or preset["train_size"], scale)
         else:
-            dataset = data_lib.load_npz(args.data, args.train_size, args.scale or 1)
+            dataset = load_npz(args.data, args.train_size, args.scale or 1)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     if preset["max_test"] is not None:
@@ -256,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{1 - (1 - config.keep_prob) / 4:.3f}), block {config.block_size}; {epochs} epochs x {seeds} seeds"
     )
 
-    plots.plot_mask_gallery(os.path.join(args.out, "masks.png"))
+    plot_mask_gallery(os.path.join(args.out, "masks.png"))
 
     # A quarter of the image: a square of half its side, filled with the training
     # set's per-channel mean (what a standardized input carries when it carries nothing).
@@ -266,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     stress_test = StressTest(
         keep_probs=preset["inference_keep_probs"],
         block_sizes=tuple(sorted({1, config.block_size})),
-        x_occluded=data_lib.occlude(dataset.x_test, side, fill, seed=STRESS_SEED),
+        x_occluded=occlude(dataset.x_test, side, fill, seed=STRESS_SEED),
         key_seed=STRESS_SEED,
     )
 
@@ -289,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     paper_names = [n for n in (PAPER_BASELINE, *PAPER_METHODS) if n in results]
     paired_paper = paired_statistics({n: results[n] for n in paper_names}, keep_probs, PAPER_BASELINE)
     table = format_table(summaries)
-    plots.plot_robustness(
+    plot_robustness(
         os.path.join(args.out, "robustness.png"),
         results,
         keep_probs,
@@ -297,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         f"last stage at keep_prob, stage before at 1 - (1 - keep_prob) / 4; mean, band = min..max over {seeds} seeds",
     )
     wall = time.perf_counter() - started
-    plots.plot_curves(
+    plot_curves(
         os.path.join(args.out, "curves.png"),
         results,
         title=f"{dataset.name}, {len(dataset.x_train)} train images\n"
