@@ -1,9 +1,9 @@
 """Counter-based random bits: XXH32 of each element's position, seeded by the key.
 
-Why not ``jax.random.bits``: its threefry kernel costs about 0.2 s of compile time at
-every call site, and XLA inlines every DropBlock layer of a network, so a ResNet-50
-with DropBlock at the authors' 36 places (29 with projection shortcuts only) paid more
-in compiling random bits than in the rest of the step. A keyed hash of the position is
+Why not ``jax.random.bits``: its threefry kernel is compiled again at every call site,
+and XLA inlines every DropBlock layer of a network, so a ResNet-50 with DropBlock at the
+authors' places paid more in compiling random bits than in the rest of the step
+(``docs/performance.md`` gives the figures). A keyed hash of the position is
 an elementwise function of an ``iota``: it compiles to a few integer instructions
 inside the fusion that consumes it, needs no state, and, because an element's bits
 depend on its global position only, a sharded array computes exactly the one-device

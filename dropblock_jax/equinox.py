@@ -44,11 +44,9 @@ def _stand_in_spatial_axes(block_size: int | Sequence[int]) -> tuple[int, ...]:
 class DropBlock(eqx.Module):
     """DropBlock as an Equinox layer, used like ``equinox.nn.Dropout``.
 
-    The layer only picks the flag, the axes and the key; the work is
-    :func:`dropblock_jax.drop_block`, and for the same key the result is
-    ``drop_block``'s with the layer's spatial axes. ``inference=True`` (at construction,
-    at the call, or through ``eqx.nn.inference_mode``) returns ``x`` unchanged and needs
-    no key; training without a key is a ``RuntimeError``, as in ``eqx.nn.Dropout``.
+    ``inference=True`` (at construction, at the call, or through
+    ``eqx.nn.inference_mode``) returns ``x`` unchanged and needs no key; training
+    without a key is a ``RuntimeError``, as in ``eqx.nn.Dropout``.
 
     Equinox models call their layers on one unbatched sample under ``jax.vmap``, laid
     out as ``eqx.nn.Conv`` lays it out, channels first: ``(C, H, W)``, ``(C, T)``,
@@ -71,12 +69,13 @@ class DropBlock(eqx.Module):
     it, as for any changed static field. Putting an array there instead makes it a leaf
     that optimizers update (weight decay would shrink it): pass schedules at the call.
 
-    Arguments are keyword-only: ``keep_prob`` is the probability of *keeping* a unit,
-    so ``DropBlock(0.1)`` or ``DropBlock(rate=0.1)``, ported from a dropout layer, is
-    a ``TypeError`` that gives ``keep_prob = 1 - rate``. They are checked at
-    construction with the checks and messages of ``drop_block``; what depends on the
-    input's rank (an axis out of range, a negative axis of ``broadcast_dims`` that is
-    spatial in it, a tuple ``block_size`` of another length) at the call.
+    With the default axes, what depends on the sample's rank (an axis out of range, a
+    negative axis of ``broadcast_dims`` that is spatial in it, a tuple ``block_size`` of
+    another length) is checked at the call.
+
+    What the four layers share (keyword-only ``keep_prob``, the checks when the layer is
+    built, ``drop_block``'s result for the layer's key, a traced ``keep_prob``, keys per
+    device) is on the :ref:`layers page <layer-contract>`.
 
     Args:
       keep_prob: probability of keeping a unit, a concrete number in [0, 1].

@@ -99,9 +99,8 @@ class DropBlock(keras.layers.Layer):
     """DropBlock as a Keras 3 layer (JAX backend), used like ``keras.layers.Dropout``.
 
     In training (``training=True``, which ``model.fit`` passes) the layer draws a key
-    from its ``keras.random.SeedGenerator`` and returns
-    :func:`dropblock_jax.drop_block` of the inputs for that key; otherwise it returns
-    the inputs unchanged. The key is the generator's state before the draw, a uint32
+    from its ``keras.random.SeedGenerator``; otherwise it returns the inputs unchanged.
+    The key is the generator's state before the draw, a uint32
     pair, as threefry2x32 key data
     (``jax.random.wrap_key_data(state, impl="threefry2x32")``), whatever
     ``jax_default_prng_impl`` says. The state is a non-trainable variable, so every
@@ -130,13 +129,13 @@ class DropBlock(keras.layers.Layer):
     generator's state as weights, so a loaded model continues the saved schedule and
     random stream.
 
-    Arguments are keyword-only: ``keep_prob`` is the probability of *keeping* a unit,
-    so ``DropBlock(0.1, 7)`` or ``DropBlock(rate=0.1)``, ported from a dropout layer,
-    is a ``TypeError`` that gives ``keep_prob = 1 - rate``. They are checked at
-    construction with the checks and messages of ``drop_block``; what depends on the
-    input's rank (an axis out of range, a negative axis of ``broadcast_dims`` that is
-    spatial in it, a tuple ``block_size`` of another length) when the layer is built
-    on its input shape.
+    What depends on the input's rank (an axis out of range, a negative axis of
+    ``broadcast_dims`` that is spatial in it, a tuple ``block_size`` of another length)
+    is checked when the layer is built on its input shape.
+
+    What the four layers share (keyword-only ``keep_prob``, the checks when the layer is
+    built, ``drop_block``'s result for the layer's key, a traced ``keep_prob``, keys per
+    device) is on the :ref:`layers page <layer-contract>`.
 
     Args:
       keep_prob: probability of keeping a unit, in [0, 1].

@@ -19,22 +19,17 @@ __all__ = ["DropBlock"]
 class DropBlock(nn.Module, kw_only=True):
     """DropBlock as a Linen layer, used like ``flax.linen.Dropout``.
 
-    The layer only picks the flag and the key; the work is :func:`dropblock_jax.drop_block`.
-    ``deterministic`` is merged like ``nn.Dropout`` (given to the constructor or the
-    call, not both); deterministic calls return ``inputs`` unchanged. The key is
-    ``rng`` when given, else ``self.make_rng(rng_collection)``, so each ``apply`` with
-    ``rngs={"dropout": key}`` draws its own masks. Inside ``shard_map`` or ``pmap``
-    every device gets the same key, hence the same mask: pass
-    ``rng=jax.random.fold_in(key, jax.lax.axis_index(name))`` for one mask per device.
+    ``deterministic`` is merged like ``nn.Dropout``'s (given to the constructor or the
+    call, not both); deterministic calls return ``inputs`` unchanged. The key is ``rng``
+    when given, else ``self.make_rng(rng_collection)``, so each ``apply`` with
+    ``rngs={"dropout": key}`` draws its own masks. The attributes are checked when the
+    module is constructed and at every ``clone``, also through Flax's lifted
+    transforms (``nn.remat(DropBlock)``) and in subclasses; an NNX-style ``rngs``
+    argument is a TypeError that names the NNX layer.
 
-    All attributes are keyword-only: ``keep_prob`` is the probability of *keeping* a
-    unit, where ``nn.Dropout``'s first argument is the rate of dropping one, so a port of
-    ``nn.Dropout(0.1)`` must spell out ``DropBlock(keep_prob=0.9)``; a positional
-    argument or a drop rate (``rate=``, ``drop_prob=``, ``p=``, ``drop_rate=``) is a
-    TypeError that says so. The attributes are checked when the module is constructed,
-    with :func:`dropblock_jax.drop_block`'s messages, so that a bad configuration fails
-    before any call, even in an eval-only run; what depends on the input's rank (an
-    axis out of range) is checked at the call.
+    What the four layers share (keyword-only ``keep_prob``, the checks when the layer is
+    built, ``drop_block``'s result for the layer's key, a traced ``keep_prob``, keys per
+    device) is on the :ref:`layers page <layer-contract>`.
 
     Attributes:
       keep_prob: probability of keeping a unit; a ``keep_prob`` given at call time

@@ -20,20 +20,16 @@ class DropBlock(nnx.Module):
     """DropBlock as an NNX layer, used like ``flax.nnx.Dropout``.
 
     ``model.train()`` / ``model.eval()`` and ``nnx.view(model, deterministic=...)``
-    switch it; every call draws a new mask from its forked rng stream. ``keep_prob`` is
-    held as data (an ``nnx.Variable``), not static structure, so changing it with
-    :func:`set_keep_prob` never retraces an ``nnx.jit`` function. The math is
-    :func:`dropblock_jax.drop_block`. Inside ``shard_map`` or ``pmap`` the stream is
-    the same on every device, hence the mask: pass
-    ``rngs=jax.random.fold_in(key, jax.lax.axis_index(name))`` for one mask per device.
+    switch it; every call draws a new mask from the rng stream it forked at
+    construction (or from ``rngs`` given at the call: an ``nnx.Rngs``, an
+    ``nnx.RngStream`` or a key). ``keep_prob`` is held as data (an ``nnx.Variable``, not
+    an ``nnx.Param``), so :func:`set_keep_prob` changes it without retracing an
+    ``nnx.jit`` function and optimizers leave it alone. Training without rngs is a
+    ValueError that lists the fixes.
 
-    Arguments are keyword-only: ``keep_prob`` is the probability of *keeping* a unit,
-    where ``nnx.Dropout``'s first argument is the rate of dropping one, so a port of
-    ``nnx.Dropout(0.1, rngs=rngs)`` must spell out ``DropBlock(keep_prob=0.9, rngs=rngs)``;
-    a positional argument or a drop rate (``rate=``, ``drop_prob=``, ``p=``,
-    ``drop_rate=``) is a TypeError that says so. Every argument is checked here, with
-    :func:`dropblock_jax.drop_block`'s messages, except what depends on the input's
-    rank (an axis out of range), which is checked at the call.
+    What the four layers share (keyword-only ``keep_prob``, the checks when the layer is
+    built, ``drop_block``'s result for the layer's key, a traced ``keep_prob``, keys per
+    device) is on the :ref:`layers page <layer-contract>`.
 
     Args:
       keep_prob: probability of keeping a unit.
