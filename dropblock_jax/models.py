@@ -67,9 +67,10 @@ class BranchLayer:
     strided: bool = False
 
 
-#: Each block kind's residual branch, in order: two 3x3 convolutions (the authors'
-#: ``residual_block``), or 1x1-3x3-1x1 with a fourfold expansion and the stride on the 3x3
-#: convolution (``bottleneck_block``, v1.5). A place follows each, and the shortcut has the last.
+#: The residual branch of each block kind, its convolutions in order. A basic block has two
+#: 3x3 convolutions (the authors' ``residual_block``), a bottleneck block 1x1-3x3-1x1 with a
+#: fourfold expansion and the stride on the 3x3 convolution (``bottleneck_block``, v1.5). A
+#: place follows each, and the shortcut has the last.
 BLOCKS: dict[str, tuple[BranchLayer, ...]] = {
     "basic": (BranchLayer(3, strided=True), BranchLayer(3)),
     "bottleneck": (BranchLayer(1), BranchLayer(3, strided=True), BranchLayer(1, expansion=4)),
@@ -188,7 +189,11 @@ class ResidualBlock(nnx.Module):
     ResNet-18/34 (``residual_block``) applies no DropBlock; :class:`ResNet` regularizes a
     basic block at the same places as a bottleneck block.
 
-    Built by :class:`ResNet`, which tells each block where it sits.
+    Built by :class:`ResNet`, which gives each block its branch and stride, what builds
+    the layer of a place (``place_layer``, called once a place, in order, or never on an
+    identity shortcut with ``regularized_shortcuts="projection"``), what builds a
+    convolution and its batch norm (``conv_bn(in_features, out_features, kernel, strides,
+    zero_scale)``, the network's dtype policy), and where the block sits.
 
     Attributes:
       convs: the branch's convolutions, in order.
@@ -208,7 +213,7 @@ class ResidualBlock(nnx.Module):
         strides: int,
         place_layer: Callable[[], _Layer | None],
         regularized_shortcuts: str,
-        layers: _Layers,
+        conv_bn: Callable[..., tuple[nnx.Conv, nnx.BatchNorm]],
         location: tuple[int, int],
         stages_from_last: int,
     ) -> None:
@@ -217,13 +222,13 @@ class ResidualBlock(nnx.Module):
         for index, layer in enumerate(branch):
             out_features = features * layer.expansion
             last = index == len(branch) - 1
-            conv, norm = layers.conv_bn(width, out_features, layer.kernel, strides if layer.strided else 1, last)
+            conv, norm = conv_bn(width, out_features, layer.kernel, strides if layer.strided else 1, last)
             convs.append(conv)
             norms.append(norm)
             regularizers.append(place_layer())
             width = out_features
         projected = strides != 1 or in_features != width
-        self.projection = nnx.Sequential(*layers.conv_bn(in_features, width, 1, strides)) if projected else None
+        self.projection = nnx.Sequential(*conv_bn(in_features, width, 1, strides)) if projected else None
         regularizers.append(place_layer() if projected or regularized_shortcuts == "all" else None)
         self.convs, self.norms, self.regularizers = nnx.List(convs), nnx.List(norms), nnx.List(regularizers)
         self.location = location
@@ -363,7 +368,7 @@ class ResNet(nnx.Module):
                         strides=2 if stage > 0 and index == 0 else 1,
                         place_layer=place_layer if from_last < self.regularized_stages else lambda: None,
                         regularized_shortcuts=regularized_shortcuts,
-                        layers=layers,
+                        conv_bn=layers.conv_bn,
                         location=(stage, index),
                         stages_from_last=from_last,
                     )
