@@ -173,6 +173,13 @@ def test_call_time_rngs_override_the_layer_stream():
     np.testing.assert_array_equal(layer(X), drop_block(_stream_keys(0, 1)[0], X, 0.6, 3))
 
 
+def test_a_call_at_keep_prob_1_still_draws_from_the_stream():
+    # The next call gets the stream's second key, as if the first had dropped blocks.
+    layer = DropBlock(keep_prob=0.6, block_size=3, rngs=nnx.Rngs(dropout=0))
+    np.testing.assert_array_equal(layer(X, keep_prob=1.0), X)
+    np.testing.assert_array_equal(layer(X, keep_prob=0.8), drop_block(_stream_keys(0, 2)[1], X, 0.8, 3))
+
+
 def test_keep_prob_is_data_not_a_parameter():
     model = _Net(nnx.Rngs(dropout=0))
     assert isinstance(model.drop.keep_prob, nnx.Variable)
