@@ -140,43 +140,43 @@ def _stage_keep(keep: _Keep, stages_from_last: int) -> _Keep:
     return 1.0 - (1.0 - keep) / _STAGE_DROP_DECAY**stages_from_last
 
 
-@dataclasses.dataclass(frozen=True)
-class _Layers:
-    """Convolutions, each followed by its batch norm, of one dtype policy."""
-
-    dtype: DTypeLike | None
-    param_dtype: DTypeLike
-    bn_momentum: float
-    rngs: nnx.Rngs
-
-    def conv_bn(
-        self, in_features: int, out_features: int, kernel: int, strides: int = 1, zero_scale: bool = False
-    ) -> tuple[nnx.Conv, nnx.BatchNorm]:
-        """A convolution without bias (the batch norm has one) and its batch norm."""
-        # The authors' fixed padding, (k - 1) // 2 before and k // 2 after, whatever the stride;
-        # "SAME" would pad a strided 3x3 convolution on one side only.
-        padding = ((kernel - 1) // 2, kernel // 2)
-        conv = nnx.Conv(
-            in_features,
-            out_features,
-            (kernel, kernel),
-            strides=strides,
-            padding=(padding, padding),
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            rngs=self.rngs,
-        )
-        norm = nnx.BatchNorm(
-            out_features,
-            momentum=self.bn_momentum,
-            epsilon=_BN_EPSILON,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
-            rngs=self.rngs,
-        )
-        return conv, norm
+def _conv_bn(
+    in_features: int,
+    out_features: int,
+    kernel: int,
+    strides: int = 1,
+    zero_scale: bool = False,
+    *,
+    dtype: DTypeLike | None,
+    param_dtype: DTypeLike,
+    bn_momentum: float,
+    rngs: nnx.Rngs,
+) -> tuple[nnx.Conv, nnx.BatchNorm]:
+    """A convolution without bias (the batch norm has one) and its batch norm."""
+    # The authors' fixed padding, (k - 1) // 2 before and k // 2 after, whatever the stride;
+    # "SAME" would pad a strided 3x3 convolution on one side only.
+    padding = ((kernel - 1) // 2, kernel // 2)
+    conv = nnx.Conv(
+        in_features,
+        out_features,
+        (kernel, kernel),
+        strides=strides,
+        padding=(padding, padding),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+    norm = nnx.BatchNorm(
+        out_features,
+        momentum=bn_momentum,
+        epsilon=_BN_EPSILON,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
+        rngs=rngs,
+    )
+    return conv, norm
 
 
 class ResidualBlock(nnx.Module):
@@ -349,9 +349,9 @@ class ResNet(nnx.Module):
         parse_block_size(block_size)
         checked_probability("keep_prob", keep_prob)
         self.dtype = dtype
-        layers = _Layers(dtype, param_dtype, bn_momentum, rngs)
+        conv_bn = functools.partial(_conv_bn, dtype=dtype, param_dtype=param_dtype, bn_momentum=bn_momentum, rngs=rngs)
         kernel, strides = (7, 2) if stem == "imagenet" else (3, 1)
-        self.stem, self.stem_bn = layers.conv_bn(in_features, widths[0], kernel, strides)
+        self.stem, self.stem_bn = conv_bn(in_features, widths[0], kernel, strides)
         stages, features = [], widths[0]
         for stage, (width, count) in enumerate(zip(widths, blocks)):
             from_last = len(widths) - 1 - stage
@@ -368,7 +368,7 @@ class ResNet(nnx.Module):
                         strides=2 if stage > 0 and index == 0 else 1,
                         place_layer=place_layer if from_last < self.regularized_stages else lambda: None,
                         regularized_shortcuts=regularized_shortcuts,
-                        conv_bn=layers.conv_bn,
+                        conv_bn=conv_bn,
                         location=(stage, index),
                         stages_from_last=from_last,
                     )
