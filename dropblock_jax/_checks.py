@@ -206,7 +206,7 @@ def _as_given(axes: object) -> tuple[object, ...]:
     return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
 
-def normalize_axes(name: str, axes: object, ndim: int) -> tuple[int, ...]:
+def _normalize_axes(name: str, axes: object, ndim: int) -> tuple[int, ...]:
     """The axes of an axis argument in an array of ``ndim`` dimensions, each in ``0 .. ndim - 1``, none repeated."""
     entries = axes_tuple(name, axes)
     for axis in entries:
@@ -244,11 +244,11 @@ def check_layout_arguments(
             )
         axes = tuple(range(ndim - 1 - len(block), ndim - 1))
     else:
-        axes = normalize_axes("spatial_axes", spatial_axes, ndim)
+        axes = _normalize_axes("spatial_axes", spatial_axes, ndim)
         if not axes:
             raise ValueError("spatial_axes must name at least one axis, got ().")
         block = parse_block_size(block_size, len(axes))
-    broadcast = normalize_axes("broadcast_dims", broadcast_dims, ndim)
+    broadcast = _normalize_axes("broadcast_dims", broadcast_dims, ndim)
     if set(broadcast) & set(axes):
         raise ValueError(
             f"broadcast_dims must not contain a spatial axis: got broadcast_dims={_as_given(broadcast_dims)!r} "
@@ -285,7 +285,7 @@ def check_shape(shape: object) -> tuple[int, ...]:
     return tuple(int(n) for n in shape)
 
 
-def rate_dtype() -> np.dtype:
+def _rate_dtype() -> np.dtype:
     """float32, or float64 when ``jax_enable_x64`` is on."""
     return jnp.asarray(1.0).dtype
 
@@ -313,7 +313,7 @@ def checked_probability(name: str, value: ArrayLike) -> jax.Array:
     concrete = concrete_value(value)
     if concrete is not None and not 0.0 <= concrete <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {concrete!r}.")
-    probability = jnp.asarray(value, rate_dtype())
+    probability = jnp.asarray(value, _rate_dtype())
     return jnp.clip(jax.lax.stop_gradient(probability), 0.0, 1.0)
 
 
