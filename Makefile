@@ -9,9 +9,9 @@ LINT_PATHS := dropblock_jax tests benchmarks examples conftest.py docs
 # compiles (and caches) the ones that are imported instead.
 PIP_INSTALL := -m pip install --quiet --no-compile --progress-bar off
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# Two pytest-xdist workers, one a core; conftest.py keeps a module's tests on one worker
-# and the multi-process tests on one worker, one after the other.
-PYTEST_WORKERS := -n 2 --dist loadgroup
+# Two pytest-xdist workers, one a core; each module runs on one worker, so that its
+# fixtures (a wheel, a ResNet-50, the example's trainings) are built once.
+PYTEST_WORKERS := -n 2 --dist loadscope
 
 .PHONY: test test-env test-env-min lint test-latest test-min docs notebooks demo bench clean
 

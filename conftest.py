@@ -8,7 +8,6 @@ import os
 import pathlib
 
 import jax
-import pytest
 
 # The suite compiles hundreds of small programs; LLVM's optimization passes dominate
 # their compile time on CPU and do not change the HLO, the random bits or the results
@@ -56,15 +55,3 @@ else:
         database=DirectoryBasedExampleDatabase(pathlib.Path(__file__).parent / ".pytest_cache" / "hypothesis"),
     )
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-def pytest_collection_modifyitems(items):
-    """Groups the tests for pytest-xdist (``--dist loadgroup``): a module's tests on one worker.
-
-    A module's fixtures are then built once. The multi-process tests (marked multihost)
-    form one group: their processes wait on each other, and two such runs at once on a
-    small machine would have them time out.
-    """
-    for item in items:
-        group = "multihost" if item.get_closest_marker("multihost") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
