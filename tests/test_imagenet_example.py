@@ -331,7 +331,7 @@ def test_the_resumed_run_ends_bit_equal_to_the_unbroken_run(runs):
 
 
 # ----------------------------------------------------------------------------------------
-# Unit checks: the schedules at their boundaries, the configuration's errors, the crops.
+# Unit checks: the schedules at their boundaries, the configuration's errors.
 
 
 def _schedule_config(**fields):
@@ -398,24 +398,6 @@ def test_a_data_dir_without_prepared_shards_says_how_to_make_them(tmp_path):
         input_pipeline.read_info(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"holds no val-\*\.array_record shards"):
         input_pipeline.shard_files(tmp_path, "val")
-
-
-def test_inception_crops_respect_the_area_and_aspect_ranges():
-    rng = np.random.default_rng(1)
-    for height, width in [(60, 90), (200, 120), (33, 33)]:
-        for _ in range(200):
-            top, left, h, w = input_pipeline.inception_crop_box(rng, height, width)
-            assert top >= 0 and top + h <= height and left >= 0 and left + w <= width
-            # Rounding the sides to pixels moves the area and the ratio by at most a pixel's worth.
-            assert 0.08 * height * width - (h + w) <= h * w <= height * width
-            assert 3 / 4 - 1 / min(h, w) <= w / h <= 4 / 3 + 1 / min(h, w)
-
-
-def test_an_image_no_crop_fits_falls_back_to_the_central_crop():
-    # 10 x 1000: a crop of 8% of the area at aspect <= 4/3 is at least 25 pixels high.
-    assert input_pipeline.inception_crop_box(np.random.default_rng(0), 10, 1000) is None
-    assert input_pipeline.center_crop_box(10, 1000, 0.875) == (0, 495, 9, 9)
-    assert input_pipeline.center_crop_box(256, 320, 0.875) == (16, 48, 224, 224)
 
 
 def test_the_imagenet_extra_lists_the_examples_requirements():
