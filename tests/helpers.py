@@ -12,6 +12,26 @@ def imagenet_example_folder():
     return pathlib.Path(__file__).resolve().parents[1] / "examples" / "imagenet"
 
 
+def imagenet_trainer():
+    """``examples/imagenet/train.py`` as the module ``imagenet_train``, its folder and ``examples/`` on the path.
+
+    ``examples/train.py`` is imported as ``train`` by other test modules: this one gets a name of its own.
+    """
+    import importlib.util
+    import sys
+
+    folder = imagenet_example_folder()
+    for path in (str(folder), str(folder.parent)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    if "imagenet_train" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("imagenet_train", folder / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["imagenet_train"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["imagenet_train"]
+
+
 def photo(height, width, seed=0):
     """A ``height`` x ``width`` RGB uint8 view of one of scikit-learn's two sample photos (natural content)."""
     import numpy as np

@@ -214,8 +214,12 @@ def test_metrics_hold_what_is_promised_written_once(runs):
     # log_every_steps=1: one line a step, from process 0 only.
     assert [m["step"] for m in train] == list(range(1, STEPS + 1))
     for m in train:
-        assert set(m) == {"step", "loss", "learning_rate", "keep_prob", "images_per_second_per_device", "epoch"}
+        assert set(m) == {
+            *("step", "loss", "learning_rate", "keep_prob", "images_per_second_per_device", "input_wait_fraction"),
+            "epoch",
+        }
         assert np.isfinite(m["loss"]) and m["loss"] > 0 and m["images_per_second_per_device"] > 0
+        assert 0 <= m["input_wait_fraction"] <= 1
     evals = _eval_lines(metrics)
     assert [m["step"] for m in evals] == [2, 4]
     for m in evals:

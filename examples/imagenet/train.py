@@ -15,13 +15,18 @@ every ``eval_every_steps`` and at the end. Orbax checkpoints are written every
 0); a rerun with the same work directory continues from the last one bit-exactly: the
 masks come from ``fold_in(key, step)`` and the data from (seed, process, step).
 Process 0 writes ``WORKDIR/metrics.jsonl`` (one JSON object a line) and TensorBoard
-events in ``WORKDIR/tensorboard``.
+events in ``WORKDIR/tensorboard``; their ``images_per_second_per_device`` counts the
+training steps only (not evaluations, checkpoints or the compilation), and
+``input_wait_fraction`` is the share of that time the loop waited for its next batch.
+``--config.synthetic_data=True`` trains on random batches made on the devices (no
+``data_dir``, no evaluation): the devices' images/s before any data is prepared.
 
 Run it::
 
     python examples/imagenet/train.py --config examples/imagenet/configs/dropblock.py \
         --workdir /tmp/run --config.data_dir=/data/imagenet-arrayrecord [--config.FIELD=VALUE ...]
     ... --simulate-hosts 2     # 2 local processes x 2 CPU devices (with configs/cpu.py)
+    ... --config.synthetic_data=True   # instead of data_dir: the chips' images/s on random batches
     ... --distributed          # one process per host of a TPU pod slice or GPU cluster
 
 See ``docs/imagenet.md`` for the launch lines, batch sizes and expected times.
@@ -34,6 +39,8 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import os
@@ -68,6 +75,8 @@ REGULARIZERS = ("none", "dropblock")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 KEEP_PROB_SCHEDULES = ("linear", "constant")
 METRICS_FILE = "metrics.jsonl"
+# What config.synthetic_data stands in for: ILSVRC 2012's classes and train images.
+SYNTHETIC_CLASSES, SYNTHETIC_TRAIN_RECORDS = 1000, 1_281_167
 
 
 # ----------------------------------------------------------------------------------------
@@ -80,7 +89,7 @@ def _fail(field: str, value: Any, allowed: str) -> None:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises a ValueError naming the field, its value and what is allowed, for the first bad field."""
-    if not config.data_dir:
+    if not config.data_dir and not config.synthetic_data:
         _fail("data_dir", config.data_dir, "the directory prepare.py wrote (--config.data_dir=DIR)")
     choices = {
         "regularizer": REGULARIZERS,
@@ -350,6 +359,69 @@ class MetricsWriter:
             self.events.close()
 
 
+class StepClock:
+    """The wall time of the training steps of each logging interval, and the share of it spent waiting for input.
+
+    Evaluations, checkpoints and the train step's compilation run inside
+    :meth:`excluded` and do not count; the loop's waits for its next batch run inside
+    :meth:`waiting` and count, as part of the steps. A user reads from the share
+    whether the input pipeline keeps the devices busy.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._start = clock()
+        self._excluded = 0.0
+        self._waiting = 0.0
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Time that is not the training steps'."""
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._excluded += self._clock() - start
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """The loop waiting for its next batch."""
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._waiting += self._clock() - start
+
+    def lap(self) -> tuple[float, float]:
+        """(seconds of training steps since the previous lap, the share of them spent waiting); starts the next."""
+        now = self._clock()
+        seconds = now - self._start - self._excluded
+        waited = self._waiting / seconds if seconds > 0 else 0.0
+        self._start, self._excluded, self._waiting = now, 0.0, 0.0
+        return seconds, waited
+
+
+def synthetic_batches(
+    config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding
+) -> Iterator[tuple[dict, dict]]:
+    """One global batch of random images and labels, made on the devices, at every step (``config.synthetic_data``).
+
+    Nothing crosses from the hosts: a run measures the devices' images/s alone, as the
+    authors' ``resnet_main.py`` without ``data_dir`` and Flax's fake-data benchmark do.
+    """
+
+    def make(key: jax.Array) -> dict[str, jax.Array]:
+        images, labels = jax.random.split(key)
+        shape = (config.global_batch_size, config.image_size, config.image_size, 3)
+        return {
+            "image": jax.random.randint(images, shape, 0, 256).astype(jnp.uint8),
+            "label": jax.random.randint(labels, shape[:1], 0, SYNTHETIC_CLASSES),
+        }
+
+    batch = jax.jit(make, out_shardings=sharding)(jax.random.key(config.seed))
+    return itertools.repeat(({}, batch))
+
+
 # ----------------------------------------------------------------------------------------
 # The run.
 
@@ -390,7 +462,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     check_config(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    info = input_pipeline.read_info(config.data_dir)
+    if config.synthetic_data:
+        info = {"classes": range(SYNTHETIC_CLASSES), "train": SYNTHETIC_TRAIN_RECORDS}
+    else:
+        info = input_pipeline.read_info(config.data_dir)
     local_batch = pod.check_global_batch(config.global_batch_size, "config.global_batch_size")
     replicated, batched = pod.data_shardings()
     trainer = Trainer(config, len(info["classes"]), info["train"])
@@ -399,15 +474,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     manager = pod.checkpoint_manager(checkpoints, max_to_keep=config.keep_checkpoints)
     state = pod.restore_or_keep(manager, state)
     first, last = int(state["step"]), trainer.steps
-    debug = workdir / "debug" if config.debug_dumps else None
+    debug = workdir / "debug" if config.debug_dumps and not config.synthetic_data else None
     if debug is not None:
         debug.mkdir(exist_ok=True)
     process, processes = jax.process_index(), jax.process_count()
-    reading = {"threads": config.data_threads, "workers": config.data_workers}
-    data = {"process_index": process, "process_count": processes, "local_batch": local_batch}
-    data |= {"image_size": config.image_size, "crop_fraction": config.eval_crop_fraction}
-    train_batches = input_pipeline.train_batches(config.data_dir, seed=config.seed, start_step=first, **data, **reading)
-    eval_data, _ = input_pipeline.eval_batches(config.data_dir, **data, **reading)
+    if config.synthetic_data:
+        stream, eval_data = synthetic_batches(config, batched), None
+    else:
+        reading = {"threads": config.data_threads, "workers": config.data_workers}
+        data = {"process_index": process, "process_count": processes, "local_batch": local_batch}
+        data |= {"image_size": config.image_size, "crop_fraction": config.eval_crop_fraction}
+        batches = input_pipeline.train_batches(config.data_dir, seed=config.seed, start_step=first, **data, **reading)
+        stream = input_pipeline.on_devices(iter(batches), batched, config.prefetch_batches)
+        eval_data, _ = input_pipeline.eval_batches(config.data_dir, **data, **reading)
     writer = MetricsWriter(workdir)
     if process == 0:
         print(
@@ -417,59 +496,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         )
 
     def run_eval() -> None:
-        writer.write(evaluate(trainer, state, other, input_pipeline.on_devices(iter(eval_data), batched), debug))
+        # Synthetic data has no validation split: its accuracy would mean nothing.
+        if eval_data is not None:
+            writer.write(evaluate(trainer, state, other, input_pipeline.on_devices(iter(eval_data), batched), debug))
 
     if config.eval_every_steps and 0 < first < last and first % config.eval_every_steps == 0:
         # A run stopped by SIGTERM saves and exits before the evaluation due at that step.
         run_eval()
 
     pending: list[dict[str, jax.Array]] = []
-    clock = time.perf_counter()
-    stream = input_pipeline.on_devices(iter(train_batches), batched, config.prefetch_batches)
+    clock = StepClock()
+    train_step = None
     records_log = open(debug / f"train_records.process{process}.jsonl", "a") if debug else None  # noqa: SIM115
     profiling = False
     with pod.Preemption() as preemption:
         for step in range(first, last):
             if config.profile_steps and process == 0 and step == config.profile_first_step:
-                jax.profiler.start_trace(str(workdir / "profile"))
+                with clock.excluded():
+                    jax.profiler.start_trace(str(workdir / "profile"))
                 profiling = True
-            host, batch = next(stream)
-            state, metrics = trainer.train_step(state, other, batch)
+            with clock.waiting():
+                host, batch = next(stream)
+            if train_step is None:
+                # Compiled ahead, so that the first interval's images/s counts the step, not its compilation.
+                with clock.excluded():
+                    train_step = trainer.train_step.lower(state, other, batch).compile()
+            state, metrics = train_step(state, other, batch)
             pending.append(metrics)
             if records_log is not None:
                 records_log.write(json.dumps({"step": step, "records": host["record"].tolist()}) + "\n")
                 records_log.flush()
             if profiling and step + 1 == config.profile_first_step + config.profile_steps:
                 jax.block_until_ready(state)
-                jax.profiler.stop_trace()
+                with clock.excluded():
+                    jax.profiler.stop_trace()
                 profiling = False
             done = step + 1
             preempted = preemption.reached(step)
             if done % config.log_every_steps == 0 or done == last or preempted:
                 values = jax.device_get(pending)
-                elapsed, clock = time.perf_counter() - clock, time.perf_counter()
+                seconds, waited = clock.lap()
+                images = len(values) * config.global_batch_size
                 writer.write(
                     {
                         "step": done,
                         "loss": float(np.mean([v["loss"] for v in values])),
                         "learning_rate": float(values[-1]["learning_rate"]),
                         "keep_prob": float(values[-1]["keep_prob"]),
-                        "images_per_second_per_device": len(values)
-                        * config.global_batch_size
-                        / elapsed
-                        / jax.device_count(),
+                        "images_per_second_per_device": images / seconds / jax.device_count(),
+                        "input_wait_fraction": waited,
                         "epoch": done / trainer.steps_per_epoch,
                     }
                 )
                 pending = []
+            # The steps' device time counts as training, up to here; the save's and the evaluation's do not.
             if done % config.checkpoint_every_steps == 0 or done == last or preempted:
-                manager.save(done, args=ocp.args.StandardSave(state), force=preempted)
+                jax.block_until_ready(state)
+                with clock.excluded():
+                    manager.save(done, args=ocp.args.StandardSave(state), force=preempted)
             if preempted:
                 if process == 0:
                     print(f"SIGTERM: saved step {done}, stopping", flush=True)
                 break
             if config.eval_every_steps and done % config.eval_every_steps == 0 and done != last:
-                run_eval()
+                jax.block_until_ready(state)
+                with clock.excluded():
+                    run_eval()
         else:
             run_eval()
     if profiling:
@@ -515,7 +607,8 @@ def main(argv: Sequence[str]) -> int:
     config = flags.FLAGS.config
     try:
         check_config(config)
-        input_pipeline.read_info(config.data_dir)
+        if not config.synthetic_data:
+            input_pipeline.read_info(config.data_dir)
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from error
     train_and_evaluate(config, flags.FLAGS.workdir)

@@ -15,8 +15,11 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """The baseline's configuration; every field can be overridden with ``--config.FIELD=VALUE``."""
     config = ml_collections.ConfigDict()
-    # Data: a directory written by prepare.py (required).
+    # Data: a directory written by prepare.py (required, but with synthetic_data).
     config.data_dir = ""
+    # True: one batch of random images made on the devices at every step, 1000 classes, no
+    # evaluation; the devices' images/s, measured before preparing ImageNet.
+    config.synthetic_data = False
     config.image_size = 224
     config.eval_crop_fraction = 0.875  # the central 224 of a 256-pixel short side
     config.data_threads = 16  # threads reading and decoding, per process
