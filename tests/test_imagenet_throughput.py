@@ -5,6 +5,7 @@ the synthetic run and the benchmark run as a user would run them, and are checke
 what they print and write, not for their speed.
 """
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -49,6 +50,76 @@ def test_the_step_clock_leaves_out_what_is_not_training_and_counts_the_waits():
     with clock.excluded():  # the next interval: only a compilation
         time.now = 30.0
     assert clock.lap() == (0.0, 0.0)
+
+
+class RecordingClock(trainer.StepClock):
+    """A StepClock that tells what the loop is in: "excluded", "waiting", or "steps"."""
+
+    now = "steps"
+
+    @contextlib.contextmanager
+    def _in(self, part, timed):
+        with timed():
+            previous, RecordingClock.now = RecordingClock.now, part
+            try:
+                yield
+            finally:
+                RecordingClock.now = previous
+
+    def excluded(self):
+        return self._in("excluded", super().excluded)
+
+    def waiting(self):
+        return self._in("waiting", super().waiting)
+
+
+def test_the_loop_keeps_evaluations_checkpoints_and_the_compilation_out_of_the_steps_time(tmp_path, monkeypatch):
+    import jax
+    from configs import cpu
+
+    classes = ["n01", "n02"]
+    shards = [[(i % 2, helpers.photo_jpeg(24 + i, 30, seed=i, quality=70)) for i in range(10)]]
+    data_dir = helpers.write_prepared(tmp_path / "data", classes, {"train": shards, "val": shards})
+    events = []
+
+    def recorded(name, function):
+        def call(*args, **kwargs):
+            events.append((name, RecordingClock.now))
+            return function(*args, **kwargs)
+
+        return call
+
+    def batches_recorded(original):
+        def on_devices(*args, **kwargs):
+            for item in original(*args, **kwargs):
+                events.append(("batch", RecordingClock.now))
+                yield item
+
+        return on_devices
+
+    def manager_recorded(original):
+        def checkpoint_manager(*args, **kwargs):
+            manager = original(*args, **kwargs)
+            manager.save = recorded("save", manager.save)
+            return manager
+
+        return checkpoint_manager
+
+    monkeypatch.setattr(trainer, "StepClock", RecordingClock)
+    monkeypatch.setattr(trainer, "evaluate", recorded("evaluate", trainer.evaluate))
+    monkeypatch.setattr(trainer.pod, "checkpoint_manager", manager_recorded(trainer.pod.checkpoint_manager))
+    monkeypatch.setattr(trainer.input_pipeline, "on_devices", batches_recorded(trainer.input_pipeline.on_devices))
+    monkeypatch.setattr(jax.stages.Lowered, "compile", recorded("compile", jax.stages.Lowered.compile))
+    config = cpu.get_config()
+    config.unlock()
+    config.update(data_dir=str(data_dir), num_train_steps=3, eval_every_steps=1, checkpoint_every_steps=1)
+    config.update(data_threads=1, global_batch_size=2)
+    trainer.train_and_evaluate(config, tmp_path / "work")
+    assert {name for name, _ in events} == {"evaluate", "save", "compile", "batch"}
+    # The train batches are waited for; evaluations (their batches included), checkpoints and
+    # the compilation are outside the steps' time.
+    assert [(name, now) for name, now in events if now == "steps"] == []
+    assert ("batch", "waiting") in events
 
 
 def _environment():

@@ -563,7 +563,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 with clock.excluded():
                     run_eval()
         else:
-            run_eval()
+            with clock.excluded():
+                run_eval()
     if profiling:
         jax.profiler.stop_trace()
     if records_log is not None:
