@@ -186,7 +186,8 @@ def test_the_jpeg_header_gives_the_size_without_decoding(mode, options):
 def test_what_is_not_a_jpeg_has_no_jpeg_size():
     png = helpers.encode(helpers.photo(37, 53), "PNG")
     jpeg = helpers.photo_jpeg(37, 53)
-    for data in (png, b"", b"\xff\xd8", jpeg[:20], b"not an image at all"):
+    # A JPEG cut before its frame header, and one without its start-of-image marker.
+    for data in (png, b"", b"\xff\xd8", jpeg[:20], jpeg[2:], b"not an image at all"):
         assert input_pipeline.jpeg_size(data) is None
 
 
