@@ -371,33 +371,30 @@ class StepClock:
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock = clock
         self._start = clock()
-        self._excluded = 0.0
-        self._waiting = 0.0
+        self._seconds = {"excluded": 0.0, "waiting": 0.0}
 
     @contextlib.contextmanager
-    def excluded(self) -> Iterator[None]:
+    def _counted_as(self, part: str) -> Iterator[None]:
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._seconds[part] += self._clock() - start
+
+    def excluded(self) -> contextlib.AbstractContextManager[None]:
         """Time that is not the training steps'."""
-        start = self._clock()
-        try:
-            yield
-        finally:
-            self._excluded += self._clock() - start
+        return self._counted_as("excluded")
 
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
+    def waiting(self) -> contextlib.AbstractContextManager[None]:
         """The loop waiting for its next batch."""
-        start = self._clock()
-        try:
-            yield
-        finally:
-            self._waiting += self._clock() - start
+        return self._counted_as("waiting")
 
     def lap(self) -> tuple[float, float]:
         """(seconds of training steps since the previous lap, the share of them spent waiting); starts the next."""
         now = self._clock()
-        seconds = now - self._start - self._excluded
-        waited = self._waiting / seconds if seconds > 0 else 0.0
-        self._start, self._excluded, self._waiting = now, 0.0, 0.0
+        seconds = now - self._start - self._seconds["excluded"]
+        waited = self._seconds["waiting"] / seconds if seconds > 0 else 0.0
+        self._start, self._seconds = now, {"excluded": 0.0, "waiting": 0.0}
         return seconds, waited
 
 
