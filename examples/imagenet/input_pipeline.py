@@ -432,8 +432,8 @@ def train_batches(
     Each image is read and decoded by one of ``threads`` threads (OpenCV releases the
     GIL) through this module's :func:`train_image`, looked up at every call; batches
     are assembled after. ``workers`` > 0 runs that many processes of ``threads``
-    threads each (Grain's ``mp_prefetch``), for hosts where one Python process cannot
-    keep the cores busy.
+    threads each (Grain's ``mp_prefetch``, which needs absl's flags parsed, as
+    ``train.py`` does), for hosts where one Python process cannot keep the cores busy.
 
     Raises:
       ValueError: when the slice holds fewer records than a batch.
