@@ -346,9 +346,10 @@ def main() -> int:
         rates: dict[str, list[float]] = {}
         for round_index in range(args.rounds):
             print(f"round {round_index + 1} of {args.rounds}", file=sys.stderr, flush=True)
-            for path, runs in rows.items():
-                for view, run in runs.items():
-                    rates.setdefault(f"{path} {view}", []).append(_rate(run))
+            # Each view's rows one after the other, so that what they are compared with ran next to them.
+            for view in ("train", "eval"):
+                for path, runs in rows.items():
+                    rates.setdefault(f"{path} {view}", []).append(_rate(runs[view]))
             for threads, pipeline_rate in pipelines.items():
                 rates.setdefault(f"train_batches {threads}", []).append(pipeline_rate())
             original = input_pipeline.train_image
