@@ -4,7 +4,7 @@
 (ResNet-50 on ImageNet) both use this module for:
 
 - joining the processes: :func:`initialize` (``jax.distributed``, gloo on CPU; under SLURM
-  every GPU of a node for a process alone on it, :func:`slurm_local_device_ids`), on one
+  every GPU of a node for a task alone on it, :func:`slurm_local_device_ids`), on one
   machine :func:`simulate_hosts` (several local processes, SIGTERM forwarded to them), and
   :func:`check_hosts_agree` (a clear stop when the hosts' inputs differ);
 - the data: :func:`host_records` (the contiguous slice of records a process reads) and
@@ -222,18 +222,15 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     """Joins the other processes, if any, before anything touches a device.
 
     ``coordinator`` (``host:port`` of process 0, with ``num_processes`` and
-    ``process_id``): explicit initialization. ``distributed``:
-    ``jax.distributed.initialize()`` with its own detection (TPU pod slices, SLURM,
-    Open MPI, ...); under SLURM with the GPUs :func:`slurm_local_device_ids` gives.
-    Neither: one process. CPU devices exchange their collectives through gloo
-    (accelerators do not use that setting).
+    ``process_id``): explicit initialization, the CPU processes' collectives through
+    gloo. ``distributed``: ``jax.distributed.initialize()`` with its own detection (TPU
+    pod slices, SLURM, Open MPI, ...), under SLURM with the GPUs
+    :func:`slurm_local_device_ids` gives. Neither: one process.
     """
-    if coordinator is None and not distributed:
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator is not None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
-    else:
+    elif distributed:
         jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
 
 
