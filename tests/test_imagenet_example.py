@@ -436,6 +436,24 @@ def test_the_imagenet_extra_lists_the_examples_requirements():
     assert sorted(extra) == sorted(line for line in lines if line and not line.startswith("#"))
 
 
+def test_a_resumed_run_keeps_the_metrics_its_checkpoint_holds_and_reports_the_best_of_all(tmp_path):
+    # An earlier launch logged steps 1-5, evaluated at 2 and 4, and was killed; its checkpoint is step 4.
+    earlier = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.9}, {"step": 2, "top1": 0.5}]
+    earlier += [{"step": 3, "loss": 1.8}, {"step": 4, "loss": 1.7}, {"step": 4, "top1": 0.3}, {"step": 5, "loss": 1.6}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in earlier))
+    writer = trainer.MetricsWriter(trainer.epath.Path(tmp_path), resumed_step=4)
+    # The rerun evaluates step 4 again first, then goes on from step 5.
+    for record in ({"step": 4, "top1": 0.25}, {"step": 5, "loss": 1.65}, {"step": 6, "top1": 0.4}):
+        writer.write(record)
+    best = writer.best("top1")
+    writer.close()
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert written == [*earlier[:5], {"step": 4, "top1": 0.25}, {"step": 5, "loss": 1.65}, {"step": 6, "top1": 0.4}]
+    # The best evaluation of the whole run, from the earlier launch.
+    assert best == {"step": 2, "top1": 0.5}
+    assert not list(tmp_path.glob("*.partial"))
+
+
 def test_padding_rows_count_for_nothing_even_when_predicted_right():
     # Six classes; rows 0-3 real, rows 4-5 padding whose logits point at their label.
     labels = np.array([0, 1, 2, 3, 4, 5])
