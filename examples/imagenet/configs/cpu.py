@@ -4,9 +4,9 @@ Still ResNet-50's structure (bottleneck blocks 3, 4, 6, 3 and DropBlock's 36 pla
 ``model_width`` 8 instead of 64; at 32 pixels groups 3 and 4 see 2x2 and 1x1 maps, where
 a block of 7 covers the whole map. Batch norm statistics over groups of 2 samples: one
 group a device with ``--simulate-hosts 2`` (4 devices), as the authors' one a TPU core.
-The learning rate's marks are whole epochs of the run (the authors' rule): on a tiny
-folder's two epochs, a warm-up over the first and a decay at its end. For trying the
-pipeline, the checkpoints and the processes, not for accuracy.
+The learning rate's marks are whole epochs of the run (the authors' rule): 8 steps of 8
+images over the tests' 35 are two epochs, a warm-up over the first and a decay at its
+end. For trying the pipeline, the checkpoints and the processes, not for accuracy.
 """
 
 import ml_collections
