@@ -18,7 +18,7 @@ import helpers
 import numpy as np
 import pytest
 
-EXAMPLE = helpers.imagenet_example_folder()
+EXAMPLE = helpers.IMAGENET_EXAMPLE
 sys.path[:0] = [str(EXAMPLE), str(EXAMPLE.parent)]
 import input_pipeline  # noqa: E402
 

@@ -18,7 +18,7 @@ import helpers
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXAMPLE = helpers.imagenet_example_folder()
+EXAMPLE = helpers.IMAGENET_EXAMPLE
 trainer = helpers.imagenet_trainer()
 
 
