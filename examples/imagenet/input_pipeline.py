@@ -3,17 +3,20 @@
 A prepared data directory (``prepare.py``) holds ``train-NNNNN-of-NNNNN.array_record``
 and ``val-...`` shards and ``info.json`` (the class wnids in label order and the record
 counts). A record is a label (4 bytes, little-endian int32) followed by the image
-file's bytes, as found in the source folder: no TensorFlow is needed to write or read
-it.
+file's bytes, as found in the source: no TensorFlow is needed to write or read it.
 
 Preprocessing is the authors' (``tensorflow/tpu`` ``models/official/resnet/
-resnet_preprocessing.py``), in NumPy and Pillow: for training an Inception-style
-random crop (area 8%-100% of the image, aspect ratio 3/4-4/3, 10 tries, then the
-evaluation crop), a horizontal flip with probability 1/2 and a bicubic resize to
-``image_size``; for evaluation the central ``crop_fraction`` of the short side
-(0.875 = 224/256: the crop of a 256-pixel short side to 224) resized to
-``image_size``. Images leave the host as uint8; the train step normalizes them with
-:data:`MEAN_RGB` and :data:`STDDEV_RGB` on the devices (four times less to transfer).
+resnet_preprocessing.py``), without TensorFlow: for training the Inception crop of
+TensorFlow's ``sample_distorted_bounding_box`` with their arguments (area 8%-100% of
+the image, at least 10% covered, aspect ratio 3/4-4/3, 10 tries; the central crop when
+the draw is the whole image), a horizontal flip with probability 1/2 and a bicubic
+resize to ``image_size``; for evaluation the central ``crop_fraction`` of the short
+side (0.875 = 224/256: the crop of a 256-pixel short side to 224) resized to
+``image_size``. OpenCV decodes (its wheel bundles libjpeg-turbo) and resizes, each
+image on one thread: a crop at least twice the output size is decoded at 1/2, 1/4
+or 1/8 scale in the JPEG's DCT domain, so that large images cost less. Images leave
+the host as uint8; the train step normalizes them with :data:`MEAN_RGB` and
+:data:`STDDEV_RGB` on the devices (four times less to transfer).
 
 Every process reads a contiguous slice of the records (``pod.host_records``), which
 ``prepare.py`` wrote in a shuffled order, so that every slice holds every class.
@@ -21,24 +24,24 @@ Training data is a pure function of (seed, process, step): the slice is reshuffl
 every epoch from the seed, each image's crop and flip come from a generator seeded by
 the seed and the image's position in the stream, and a run resumed at step ``k``
 starts at batch ``k`` of the same stream, so that it reads what an unbroken run would
-have read without saving an iterator.
+have read without saving an iterator. The number of threads and worker processes
+changes how fast the batches come, never what they hold.
 """
 
 from __future__ import annotations
 
 import collections
-import io
 import json
 import math
 import os
 import pathlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import cv2
 import grain
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import pod
@@ -49,12 +52,21 @@ _LABEL_BYTES = 4
 # ImageNet's per-channel mean and standard deviation of RGB pixel values (0..255).
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-# The authors' Inception crop: sample_distorted_bounding_box's ranges and tries.
+# The authors' Inception crop: the arguments of their sample_distorted_bounding_box call.
 CROP_AREA_RANGE = (0.08, 1.0)
 CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
+CROP_MIN_OBJECT_COVERED = 0.1
 CROP_ATTEMPTS = 10
 
 Box = tuple[int, int, int, int]  # top, left, height, width
+
+# Each image is decoded and resized by one of the pipeline's threads: OpenCV's own thread
+# pool would only have them compete for the same cores.
+cv2.setNumThreads(1)
+
+
+class CorruptRecordError(ValueError):
+    """A record that cannot be read, or whose label or image is unusable."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -67,7 +79,13 @@ def encode_record(label: int, image_bytes: bytes) -> bytes:
 
 
 def decode_record(record: bytes) -> tuple[int, bytes]:
-    """(label, image file bytes) of a record written by :func:`encode_record`."""
+    """(label, image file bytes) of a record written by :func:`encode_record`.
+
+    Raises:
+      CorruptRecordError: when the record is too short to hold a label.
+    """
+    if len(record) < _LABEL_BYTES:
+        raise CorruptRecordError(f"{len(record)} bytes, fewer than the {_LABEL_BYTES} of a label")
     return int.from_bytes(record[:_LABEL_BYTES], "little", signed=True), record[_LABEL_BYTES:]
 
 
@@ -108,64 +126,280 @@ def record_source(data_dir: str | os.PathLike[str], split: str) -> grain.sources
     return grain.sources.ArrayRecordDataSource(shard_files(data_dir, split))
 
 
+def locate_record(data_dir: str | os.PathLike[str], split: str, index: int) -> tuple[str, int]:
+    """The shard holding record ``index`` of ``split`` (counted across the shards in order), and its index there."""
+    remaining = index
+    for path in shard_files(data_dir, split):
+        count = len(grain.sources.ArrayRecordDataSource([path]))
+        if remaining < count:
+            return path, remaining
+        remaining -= count
+    raise IndexError(f"{split} has no record {index}: its shards hold {index - remaining}.")
+
+
+def _record_reader(
+    data_dir: str | os.PathLike[str], split: str, num_classes: int
+) -> tuple[Callable[[int, Callable[[bytes], np.ndarray]], tuple[int, np.ndarray]], int]:
+    """``read(index, view)``, record ``index``'s label and ``view`` of its image, checked; and the record count.
+
+    A record that cannot be read, a label outside the classes or an image that cannot be
+    decoded stops the run with a :class:`CorruptRecordError` naming the record and its
+    shard: skipping it would silently change the data of every later step.
+    """
+    source = record_source(data_dir, split)
+
+    def read(index: int, view: Callable[[bytes], np.ndarray]) -> tuple[int, np.ndarray]:
+        try:
+            try:
+                record = source[index]
+            except (OSError, RuntimeError, ValueError) as error:
+                raise CorruptRecordError(f"it cannot be read ({error})") from error
+            label, image_bytes = decode_record(record)
+            if not 0 <= label < num_classes:
+                raise CorruptRecordError(f"its label {label} is not one of the {num_classes} classes")
+            return label, view(image_bytes)
+        except CorruptRecordError as error:
+            shard, position = locate_record(data_dir, split, index)
+            raise CorruptRecordError(
+                f"{split} record {index} (record {position} of {shard}) is corrupt: {error}. Prepare the data "
+                "again (prepare.py decodes every image), or copy the shard again if it was damaged since."
+            ) from error
+
+    return read, len(source)
+
+
 # ----------------------------------------------------------------------------------------
 # Preprocessing.
 
+_F32 = np.float32
+# The kernel's tolerance when it shrinks the largest height to fit the width.
+_FIT_EPSILON = float(_F32(1e-7))
+
+
+def _lrint(value: np.float32) -> int:
+    """C's ``lrintf``: to the nearest integer, ties to even (as Python's ``round``)."""
+    return round(float(value))
+
+
+def _random_crop(
+    rng: np.random.Generator, height: int, width: int, min_area: np.float32, max_area: np.float32, aspect: np.float32
+) -> Box | None:
+    """One try of TensorFlow's ``GenerateRandomCrop``, in its float32 arithmetic; None when it fails.
+
+    The crop's height is drawn uniformly between the heights that the area range gives
+    at this aspect ratio (the largest one shrunk to fit the image), its width is the
+    height times the aspect ratio rounded, and its corner is uniform over the positions
+    that keep it inside the image (``Uniform(n)`` draws from 0 to n - 1, so a crop
+    shorter than the image never touches its bottom row).
+    """
+    crop_height = _lrint(np.sqrt(min_area / aspect))
+    max_height = _lrint(np.sqrt(max_area / aspect))
+    if _lrint(_F32(max_height) * aspect) > width:
+        max_height = int((width + 0.5 - _FIT_EPSILON) / float(aspect))
+        if _lrint(_F32(max_height) * aspect) > width:
+            max_height -= 1
+    max_height = min(max_height, height)
+    crop_height = min(crop_height, max_height)
+    if crop_height < max_height:
+        crop_height += int(rng.integers(max_height - crop_height + 1))
+    crop_width = _lrint(_F32(crop_height) * aspect)
+    # Rounding may leave the area just outside the range: one pixel taller, or shorter, first.
+    if _F32(crop_width * crop_height) < min_area:
+        crop_height += 1
+        crop_width = _lrint(_F32(crop_height) * aspect)
+    if _F32(crop_width * crop_height) > max_area:
+        crop_height -= 1
+        crop_width = _lrint(_F32(crop_height) * aspect)
+    area = _F32(crop_width * crop_height)
+    if not (min_area <= area <= max_area and 0 < crop_width <= width and 0 < crop_height <= height):
+        return None
+    top = int(rng.integers(height - crop_height)) if crop_height < height else 0
+    left = int(rng.integers(width - crop_width)) if crop_width < width else 0
+    return top, left, crop_height, crop_width
+
 
 def inception_crop_box(rng: np.random.Generator, height: int, width: int) -> Box | None:
-    """A random crop of the Inception recipe, or None when :data:`CROP_ATTEMPTS` tries all fail.
+    """The authors' random crop of an image, or None where they take the central crop instead.
 
-    Each try draws the crop's area uniformly in :data:`CROP_AREA_RANGE` of the image's
-    and its aspect ratio (width / height) uniformly in :data:`CROP_ASPECT_RANGE`, as
-    TensorFlow's ``sample_distorted_bounding_box`` does, and keeps the first crop that
-    fits in the image, at a uniformly drawn position.
+    TensorFlow's ``sample_distorted_bounding_box`` with the authors' arguments
+    (``resnet_preprocessing.py``: the whole image as the bounding box,
+    ``min_object_covered=0.1``, ``aspect_ratio_range=(3/4, 4/3)``,
+    ``area_range=(0.08, 1.0)``, ``max_attempts=10``), as its kernel draws
+    (``sample_distorted_bounding_box_op.cc``, ``GenerateRandomCrop``): each try draws
+    the aspect ratio (width / height) uniformly, then the height uniformly (not the
+    area), rounds and clamps as the kernel does, and keeps the first crop that covers
+    at least 10% of the image. After 10 failed tries the kernel returns the whole
+    image; the authors then decode the central crop, and so they do when a try happens
+    to draw the whole image: both are None here.
+
+    Args:
+      rng: the generator the draws come from.
+      height: the image's height in pixels.
+      width: the image's width in pixels.
+
+    Returns:
+      ``(top, left, height, width)`` of the crop, or None.
+
+    Example:
+      >>> box = inception_crop_box(np.random.default_rng(0), 375, 500)
+      >>> top, left, h, w = box
+      >>> 0.1 <= h * w / (375 * 500) <= 1 and top + h <= 375 and left + w <= 500
+      True
     """
+    min_area = _F32(CROP_AREA_RANGE[0]) * _F32(width) * _F32(height)
+    max_area = _F32(CROP_AREA_RANGE[1]) * _F32(width) * _F32(height)
+    low, high = _F32(CROP_ASPECT_RANGE[0]), _F32(CROP_ASPECT_RANGE[1])
+    image_area = _F32(height * width)
     for _ in range(CROP_ATTEMPTS):
-        area = rng.uniform(*CROP_AREA_RANGE) * height * width
-        aspect = rng.uniform(*CROP_ASPECT_RANGE)
-        crop_w = round(math.sqrt(area * aspect))
-        crop_h = round(math.sqrt(area / aspect))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            top = int(rng.integers(0, height - crop_h + 1))
-            left = int(rng.integers(0, width - crop_w + 1))
-            return top, left, crop_h, crop_w
+        aspect = rng.random(dtype=np.float32) * (high - low) + low
+        box = _random_crop(rng, height, width, min_area, max_area, aspect)
+        if box is not None and _F32(box[2] * box[3]) / image_area >= _F32(CROP_MIN_OBJECT_COVERED):
+            return None if box[2:] == (height, width) else box
     return None
 
 
 def center_crop_box(height: int, width: int, crop_fraction: float) -> Box:
-    """The central square of side ``crop_fraction`` x the short side."""
-    side = max(1, round(crop_fraction * min(height, width)))
-    return (height - side) // 2, (width - side) // 2, side, side
+    """The central square of side ``crop_fraction`` x the short side, as the authors' ``_decode_and_center_crop``.
+
+    The side is truncated to a whole pixel and the offsets rounded up (their
+    ``((image_height - padded_center_crop_size) + 1) // 2``).
+    """
+    side = max(1, int(_F32(crop_fraction) * _F32(min(height, width))))
+    return (height - side + 1) // 2, (width - side + 1) // 2, side, side
 
 
-def _decode(image_bytes: bytes) -> Image.Image:
-    # ImageNet holds a few CMYK and grayscale JPEGs (and a PNG named .JPEG): all become RGB.
-    return Image.open(io.BytesIO(image_bytes)).convert("RGB")
+# JPEG frame headers (ITU-T T.81, B.1.1.3): SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC).
+_START_OF_FRAME = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_START_OF_SCAN = 0xDA
+# Markers that stand alone, without a length: TEM, RST0-RST7, SOI, EOI.
+_STANDALONE = frozenset([0x01, *range(0xD0, 0xDA)])
 
 
-def _crop_and_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
+def jpeg_size(image_bytes: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header, without decoding it; None for anything else.
+
+    Example:
+      >>> import io
+      >>> from PIL import Image
+      >>> file = io.BytesIO()
+      >>> Image.new("RGB", (40, 30)).save(file, "JPEG")
+      >>> jpeg_size(file.getvalue())
+      (30, 40)
+    """
+    if image_bytes[:2] != b"\xff\xd8":
+        return None
+    offset, end = 2, len(image_bytes)
+    while offset + 4 <= end:
+        if image_bytes[offset] != 0xFF:
+            return None
+        marker = image_bytes[offset + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            offset += 1
+        elif marker in _STANDALONE:
+            offset += 2
+        elif marker == _START_OF_SCAN:
+            return None
+        elif marker in _START_OF_FRAME:
+            if offset + 9 > end:
+                return None
+            height = int.from_bytes(image_bytes[offset + 5 : offset + 7], "big")
+            width = int.from_bytes(image_bytes[offset + 7 : offset + 9], "big")
+            # A height of 0 is given later, by a DNL marker: decode to learn it.
+            return (height, width) if height and width else None
+        else:
+            offset += 2 + int.from_bytes(image_bytes[offset + 2 : offset + 4], "big")
+    return None
+
+
+# OpenCV's flags for each DCT scaling: three BGR channels whatever the file holds (grayscale,
+# CMYK, a PNG named .JPEG), in its stored orientation, as TensorFlow's and Pillow's decoders
+# give it (ImageNet's labels were made on the stored pixels).
+_DECODE_FLAGS = {
+    scale: flag | cv2.IMREAD_IGNORE_ORIENTATION
+    for scale, flag in [
+        (1, cv2.IMREAD_COLOR),
+        (2, cv2.IMREAD_REDUCED_COLOR_2),
+        (4, cv2.IMREAD_REDUCED_COLOR_4),
+        (8, cv2.IMREAD_REDUCED_COLOR_8),
+    ]
+}
+
+
+def _decode(image_bytes: bytes, scale: int = 1) -> np.ndarray:
+    """The image's BGR pixels, decoded at 1/``scale`` of its size (a JPEG's DCT scaling)."""
+    try:
+        pixels = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), _DECODE_FLAGS[scale])
+    except cv2.error as error:
+        raise CorruptRecordError(f"its image cannot be decoded ({error.msg.strip()})") from error
+    if pixels is None:
+        raise CorruptRecordError("its image is not a JPEG, PNG or other format OpenCV decodes")
+    return pixels
+
+
+def _dct_scale(crop_height: int, crop_width: int, size: int) -> int:
+    """The largest DCT scaling (1/2, 1/4, 1/8) that leaves the crop at least ``size`` pixels a side; else 1."""
+    for scale in (8, 4, 2):
+        if min(crop_height, crop_width) >= scale * size:
+            return scale
+    return 1
+
+
+def _size_or_pixels(image_bytes: bytes) -> tuple[int, int, np.ndarray | None]:
+    """(height, width, None) from a JPEG's header; (height, width, pixels) of anything else, decoded."""
+    size = jpeg_size(image_bytes)
+    if size is not None:
+        return *size, None
+    pixels = _decode(image_bytes)
+    return pixels.shape[0], pixels.shape[1], pixels
+
+
+def _crop_resized(image_bytes: bytes, pixels: np.ndarray | None, box: Box, size: int) -> np.ndarray:
+    """The ``box`` of the image resized to ``size`` x ``size``, RGB.
+
+    Without ``pixels`` the JPEG is decoded at the DCT scaling the box allows. Pixel ``i``
+    of a 1/s decode covers the image's pixels ``s*i .. s*i + s - 1``: the box is rounded
+    to that grid. The resize is bicubic without antialiasing (OpenCV's ``INTER_CUBIC``:
+    the cubic kernel with a = -0.75 of the authors' ``tf.image.resize_bicubic``, at
+    pixel centres).
+    """
     top, left, height, width = box
-    resized = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + width, top + height))
-    return np.asarray(resized, np.uint8)
+    scale = 1
+    if pixels is None:
+        scale = _dct_scale(height, width, size)
+        pixels = _decode(image_bytes, scale)
+    rows, columns = pixels.shape[:2]
+    first_row, first_column = min(round(top / scale), rows - 1), min(round(left / scale), columns - 1)
+    end_row = min(max(round((top + height) / scale), first_row + 1), rows)
+    end_column = min(max(round((left + width) / scale), first_column + 1), columns)
+    crop = pixels[first_row:end_row, first_column:end_column]
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_CUBIC)[..., ::-1]
 
 
 def train_image(image_bytes: bytes, rng: np.random.Generator, size: int, crop_fraction: float) -> np.ndarray:
-    """The training view of an image: random crop, bicubic resize to ``size``, random flip; uint8 HWC.
+    """The training view of an image: the authors' random crop, bicubic resize to ``size``, random flip; uint8 HWC.
 
-    When no random crop fits, the evaluation crop (``crop_fraction``) is used, as the authors do.
+    Where :func:`inception_crop_box` gives None, the evaluation crop (``crop_fraction``)
+    is used, as the authors do. The flip is horizontal, with probability 1/2.
+
+    Raises:
+      CorruptRecordError: when the bytes are not an image OpenCV decodes.
     """
-    image = _decode(image_bytes)
-    box = inception_crop_box(rng, image.height, image.width)
+    height, width, pixels = _size_or_pixels(image_bytes)
+    box = inception_crop_box(rng, height, width)
     if box is None:
-        box = center_crop_box(image.height, image.width, crop_fraction)
-    pixels = _crop_and_resize(image, box, size)
-    return pixels[:, ::-1] if rng.random() < 0.5 else pixels
+        box = center_crop_box(height, width, crop_fraction)
+    image = _crop_resized(image_bytes, pixels, box, size)
+    return image[:, ::-1] if rng.random() < 0.5 else image
 
 
 def eval_image(image_bytes: bytes, size: int, crop_fraction: float) -> np.ndarray:
-    """The evaluation view of an image: the central crop resized to ``size``; uint8 HWC."""
-    image = _decode(image_bytes)
-    return _crop_and_resize(image, center_crop_box(image.height, image.width, crop_fraction), size)
+    """The evaluation view of an image: the central crop resized to ``size``; uint8 HWC.
+
+    Raises:
+      CorruptRecordError: when the bytes are not an image OpenCV decodes.
+    """
+    height, width, pixels = _size_or_pixels(image_bytes)
+    return _crop_resized(image_bytes, pixels, center_crop_box(height, width, crop_fraction), size)
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,12 +428,19 @@ def train_batches(
 
     A batch is ``{"image": uint8 (local_batch, size, size, 3), "label": int32,
     "record": int64}`` (``record``: the index of each image among the train records).
-    Batch ``k`` is the same whatever ``start_step`` is. ``threads`` read and decode in
-    this process (Pillow releases the GIL), ``workers`` > 0 adds that many decoding
-    processes (Grain's ``mp_prefetch``).
+    Batch ``k`` is the same whatever ``start_step``, ``threads`` and ``workers`` are.
+    Each image is read and decoded by one of ``threads`` threads (OpenCV releases the
+    GIL) through this module's :func:`train_image`, looked up at every call; batches
+    are assembled after. ``workers`` > 0 runs that many processes of ``threads``
+    threads each (Grain's ``mp_prefetch``, which needs absl's flags parsed, as
+    ``train.py`` does), for hosts where one Python process cannot keep the cores busy.
+
+    Raises:
+      ValueError: when the slice holds fewer records than a batch.
+      CorruptRecordError: while iterating, at a record that cannot be used.
     """
-    source = record_source(data_dir, "train")
-    records = pod.host_records(len(source), process_index, process_count, drop_remainder=False)
+    read, count = _record_reader(data_dir, "train", len(read_info(data_dir)["classes"]))
+    records = pod.host_records(count, process_index, process_count, drop_remainder=False)
     if len(records) < local_batch:
         raise ValueError(
             f"config.global_batch_size gives each of the {process_count} process(es) {local_batch} rows a step, "
@@ -207,18 +448,16 @@ def train_batches(
         )
 
     def example(index: int, rng: np.random.Generator) -> dict[str, Any]:
-        label, image_bytes = decode_record(source[index])
-        image = train_image(image_bytes, rng, image_size, crop_fraction)
+        label, image = read(index, lambda image_bytes: train_image(image_bytes, rng, image_size, crop_fraction))
         return {"image": image, "label": np.int32(label), "record": np.int64(index)}
 
-    dataset = (
+    stream = (
         grain.MapDataset.range(records.start, records.stop)
         .shuffle(seed=_process_seed(seed, process_index, 0))
         .repeat()
         .random_map(example, seed=_process_seed(seed, process_index, 1))
-        .batch(local_batch, drop_remainder=True)
-    )[start_step:]
-    return _reading(dataset, threads, workers, local_batch)
+    )[start_step * local_batch :]
+    return _batched(stream, local_batch, threads, workers)
 
 
 def eval_batches(
@@ -239,9 +478,10 @@ def eval_batches(
     process runs as many steps and the masked sums count each image once (as
     big_vision pads and masks).
     """
-    source = record_source(data_dir, "val")
-    records = pod.host_records(len(source), process_index, process_count, drop_remainder=False)
-    num_batches = math.ceil(math.ceil(len(source) / process_count) / local_batch)
+    read, count = _record_reader(data_dir, "val", len(read_info(data_dir)["classes"]))
+    records = pod.host_records(count, process_index, process_count, drop_remainder=False)
+    # The longest slice, of ceil(count / processes) records, sets every process's number of batches.
+    num_batches = math.ceil(math.ceil(count / process_count) / local_batch)
     padding = {
         "image": np.zeros((image_size, image_size, 3), np.uint8),
         "label": np.int32(0),
@@ -252,22 +492,42 @@ def eval_batches(
     def example(position: int) -> dict[str, Any]:
         if position >= len(records):
             return padding
-        label, image_bytes = decode_record(source[records.start + position])
-        image = eval_image(image_bytes, image_size, crop_fraction)
-        record = np.int64(records.start + position)
-        return {"image": image, "label": np.int32(label), "record": record, "mask": np.bool_(True)}
+        index = records.start + position
+        label, image = read(index, lambda image_bytes: eval_image(image_bytes, image_size, crop_fraction))
+        return {"image": image, "label": np.int32(label), "record": np.int64(index), "mask": np.bool_(True)}
 
-    dataset = grain.MapDataset.range(num_batches * local_batch).map(example).batch(local_batch)
-    return _reading(dataset, threads, workers, local_batch), num_batches
+    # Whole rounds of batches for the worker processes; the padding batches past num_batches are dropped.
+    rounds = math.ceil(num_batches / max(workers, 1)) * max(workers, 1)
+    batches = _batched(grain.MapDataset.range(rounds * local_batch).map(example), local_batch, threads, workers)
+    if rounds > num_batches:
+        batches = grain.experimental.LimitIterDataset(batches, num_batches)
+    return batches, num_batches
 
 
-def _reading(dataset: grain.MapDataset, threads: int, workers: int, local_batch: int) -> grain.IterDataset:
-    """``dataset`` read by ``threads`` threads, and ``workers`` processes if > 0."""
-    options = grain.ReadOptions(num_threads=max(threads, 1), prefetch_buffer_size=max(2, threads // local_batch + 2))
-    iterable = dataset.to_iter_dataset(options)
+def _batched(stream: grain.MapDataset, batch: int, threads: int, workers: int) -> grain.IterDataset:
+    """The batches of ``stream``'s consecutive elements, each element made by one of ``threads`` threads.
+
+    With ``workers`` > 1, Grain's ``mp_prefetch`` gives worker ``w`` the elements ``w,
+    w + workers, ...`` of its input to batch, and takes the workers' batches in turn:
+    worker ``w``'s ``j``-th batch is the output's batch ``j * workers + w``. The input is
+    ``stream`` reordered so that this batch holds ``stream``'s batch ``j * workers + w``,
+    whatever the number of workers.
+    """
+    if workers > 1:
+        ordered = stream
+
+        def element(position: int) -> Any:
+            worker, rank = position % workers, position // workers
+            return ordered[((rank // batch) * workers + worker) * batch + rank % batch]
+
+        stream = grain.MapDataset.range(len(stream)).map(element)
+    threads = max(threads, 1)
+    # Every thread busy with one image, and a batch's worth more ready for when the loop asks.
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=batch + threads)
+    batches = stream.to_iter_dataset(options).batch(batch, drop_remainder=True)
     if workers > 0:
-        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return iterable
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return batches
 
 
 def on_devices(

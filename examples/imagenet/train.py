@@ -9,20 +9,32 @@ every process reads its own slice, and the slices form one global batch on the
 ``"data"`` mesh (``examples/pod.py``, shared with ``examples/train.py``, as are the
 checkpoints, preemption and the processes).
 
+Batch norm statistics are those of groups of ``batch_norm_group_size`` samples (the
+authors' per-core statistics on a TPU), or of the global batch.
+
 Evaluation is exact: every val image once (padded, masked batches), top-1 and top-5,
 every ``eval_every_steps`` and at the end. Orbax checkpoints are written every
 ``checkpoint_every_steps``, at the end, and on SIGTERM (then the run exits with status
-0); a rerun with the same work directory continues from the last one bit-exactly: the
-masks come from ``fold_in(key, step)`` and the data from (seed, process, step).
-Process 0 writes ``WORKDIR/metrics.jsonl`` (one JSON object a line) and TensorBoard
-events in ``WORKDIR/tensorboard``.
+0); a rerun with the same work directory continues from the last complete one
+bit-exactly, whatever stopped the run (a SIGKILL mid-save included): the masks come
+from ``fold_in(key, step)`` and the data from (seed, process, step). Process 0 writes
+``WORKDIR/metrics.jsonl`` (one JSON object a line) and TensorBoard events in
+``WORKDIR/tensorboard``; their ``images_per_second_per_device`` counts the training
+steps only (not evaluations, checkpoints or the compilation), and
+``input_wait_fraction`` is the share of that time the loop waited for its next batch.
+The work directory and ``checkpoint_dir`` may be URLs (``gs://bucket/run``, any path
+``etils.epath`` opens); the data directory is read as files.
+``--config.synthetic_data=True`` trains on random batches made on the devices (no
+``data_dir``, no evaluation): the devices' images/s before any data is prepared.
 
 Run it::
 
     python examples/imagenet/train.py --config examples/imagenet/configs/dropblock.py \
         --workdir /tmp/run --config.data_dir=/data/imagenet-arrayrecord [--config.FIELD=VALUE ...]
     ... --simulate-hosts 2     # 2 local processes x 2 CPU devices (with configs/cpu.py)
-    ... --distributed          # one process per host of a TPU pod slice or GPU cluster
+    ... --config.synthetic_data=True   # instead of data_dir: the chips' images/s on random batches
+    ... --distributed          # one process per host of a TPU pod slice or GPU cluster (SLURM:
+                               # one task per node, every GPU of it)
 
 See ``docs/imagenet.md`` for the launch lines, batch sizes and expected times.
 
@@ -34,13 +46,18 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -49,6 +66,7 @@ for folder in (HERE, HERE.parent):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
+import grain  # noqa: E402
 import input_pipeline  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -58,6 +76,7 @@ import optax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 import pod  # noqa: E402
 from absl import app, flags  # noqa: E402
+from etils import epath  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -68,6 +87,8 @@ REGULARIZERS = ("none", "dropblock")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 KEEP_PROB_SCHEDULES = ("linear", "constant")
 METRICS_FILE = "metrics.jsonl"
+# What config.synthetic_data stands in for: ILSVRC 2012's classes and train images.
+SYNTHETIC_CLASSES, SYNTHETIC_TRAIN_RECORDS = 1000, 1_281_167
 
 
 # ----------------------------------------------------------------------------------------
@@ -78,10 +99,18 @@ def _fail(field: str, value: Any, allowed: str) -> None:
     raise ValueError(f"config.{field} must be {allowed}, got {value!r}.")
 
 
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a URL (``gs://bucket/run``) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises a ValueError naming the field, its value and what is allowed, for the first bad field."""
-    if not config.data_dir:
+    if not config.data_dir and not config.synthetic_data:
         _fail("data_dir", config.data_dir, "the directory prepare.py wrote (--config.data_dir=DIR)")
+    if is_url(config.data_dir):
+        # ArrayRecord reads files: a bucket is mounted (gcsfuse) or copied to a disk.
+        _fail("data_dir", config.data_dir, "a directory of this machine (mount a bucket with gcsfuse, or copy it)")
     choices = {
         "regularizer": REGULARIZERS,
         "dtype": tuple(DTYPES),
@@ -106,9 +135,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in positive_ints:
         if not isinstance(config[field], int) or config[field] < 1:
             _fail(field, config[field], "a positive integer")
-    for field in ("eval_every_steps", "data_workers", "profile_steps", "profile_first_step", "data_threads"):
+    for field in (
+        "eval_every_steps",
+        "data_workers",
+        "profile_steps",
+        "profile_first_step",
+        "data_threads",
+        "batch_norm_group_size",
+    ):
         if not isinstance(config[field], int) or config[field] < 0:
             _fail(field, config[field], "an integer >= 0")
+    if config.batch_norm_group_size and config.global_batch_size % config.batch_norm_group_size:
+        _fail(
+            "batch_norm_group_size",
+            config.batch_norm_group_size,
+            f"0 (the global batch) or a divisor of global_batch_size={config.global_batch_size}",
+        )
     if config.num_train_steps != -1 and config.num_train_steps < 1:
         _fail("num_train_steps", config.num_train_steps, "a positive integer, or -1 for num_epochs of data")
     if config.num_train_steps == -1 and not config.num_epochs > 0:
@@ -141,26 +183,40 @@ def total_steps(config: ml_collections.ConfigDict, train_records: int) -> int:
 # Schedules.
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: float, steps: int) -> optax.Schedule:
-    """The authors' learning rate: linear warm-up, then steps of ``lr_decay_factor``.
+def learning_rate_schedule(config: ml_collections.ConfigDict, train_records: int, steps: int) -> optax.Schedule:
+    """The authors' learning rate: linear warm-up, then steps of ``lr_decay_factor``, stretched with the run.
 
-    With ``peak = base_learning_rate * global_batch_size / 256`` and ``epoch = step /
-    steps_per_epoch``: ``peak * epoch / warmup_epochs`` while ``epoch < warmup_epochs``,
-    then ``peak * lr_decay_factor ** n`` with ``n`` the number of decay boundaries at or
-    before ``step``; a boundary at epoch ``e`` of ``lr_schedule_epochs`` falls at step
-    ``round(e / lr_schedule_epochs * steps)``, wherever the run ends (the authors' 30, 60
-    and 80 of 90 epochs, stretched).
+    ``peak = base_learning_rate * global_batch_size / 256``. The warm-up and the decays
+    are epochs of an ``lr_schedule_epochs``-epoch run (``warmup_epochs``,
+    ``lr_decay_epochs``); a run of ``E = steps / floor(train_records /
+    global_batch_size)`` epochs moves each mark ``e`` to epoch ``floor(e /
+    lr_schedule_epochs * E)``: the warm-up stretches with the run, as do the decays
+    (``get_lr_schedule`` of the authors' ``resnet_main.py``). At step ``s``, epoch
+    ``s * global_batch_size / train_records``: ``peak * epoch / warmup`` during the
+    warm-up, then ``peak * lr_decay_factor ** n``, ``n`` the decay marks reached (a mark
+    reached replaces the warm-up, in the authors' order).
     """
     peak = config.base_learning_rate * config.global_batch_size / 256
-    warmup_steps = config.warmup_epochs * steps_per_epoch
-    boundaries = jnp.asarray([round(e / config.lr_schedule_epochs * steps) for e in config.lr_decay_epochs])
+    batch = config.global_batch_size
+    # get_lr_schedule counts whole steps an epoch; the epoch of a step does not (resnet_model_fn's current_epoch).
+    run_epochs = steps / max(1, train_records // batch)
+
+    def first_step_of(epoch: int) -> int:
+        # The first step whose epoch, step * batch / train_records, is at least ``epoch``: exact, in integers.
+        return -(-epoch * train_records // batch)
+
+    marks = [
+        math.floor(e / config.lr_schedule_epochs * run_epochs) for e in (config.warmup_epochs, *config.lr_decay_epochs)
+    ]
+    warmup_steps = marks[0] * train_records / batch
+    levels = [(config.lr_decay_factor**i, first_step_of(mark)) for i, mark in enumerate(marks)]
 
     def schedule(step: jax.Array) -> jax.Array:
         step = jnp.asarray(step)
-        decayed = peak * config.lr_decay_factor ** jnp.sum(step >= boundaries)
-        if warmup_steps == 0:
-            return decayed
-        return jnp.where(step < warmup_steps, peak * step / warmup_steps, decayed)
+        rate = peak * step / warmup_steps if warmup_steps else jnp.full(step.shape, peak)
+        for multiplier, start in levels:
+            rate = jnp.where(step < start, rate, peak * multiplier)
+        return rate
 
     return schedule
 
@@ -247,13 +303,15 @@ class Trainer:
         self.num_classes = num_classes
         self.steps = total_steps(config, train_records)
         self.steps_per_epoch = train_records / config.global_batch_size
-        self.learning_rate = learning_rate_schedule(config, self.steps_per_epoch, self.steps)
+        self.learning_rate = learning_rate_schedule(config, train_records, self.steps)
         self.keep_prob = keep_prob_schedule(config, self.steps)
+        self.group_size = config.batch_norm_group_size or config.global_batch_size
         self._params_key, self.dropout_key = jax.random.split(jax.random.key(config.seed))
         abstract = nnx.eval_shape(lambda: make_model(config, num_classes, self._params_key))
         self.graphdef, abstract_params, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
         self.tx = make_optimizer(config, self.learning_rate, decay_mask(abstract, abstract_params))
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.forward = jax.jit(self._forward)
         self.eval_step = jax.jit(self._eval_step)
 
     def initial_state(self, sharding: jax.sharding.Sharding) -> tuple[dict[str, Any], Any]:
@@ -279,24 +337,53 @@ class Trainer:
     def _model(self, params: Any, state: dict[str, Any], other: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, params, state["batch_stats"], other, copy=True)
 
+    def _forward(
+        self, params: Any, state: dict[str, Any], other: Any, images: jax.Array
+    ) -> tuple[jax.Array, Any, jax.Array]:
+        """The training-mode logits of a global batch, the new batch statistics and the step's keep_prob.
+
+        The batch is cut into groups of ``batch_norm_group_size`` consecutive samples
+        (one group: the global batch). Each group is normalized by its own statistics, as
+        each TPU core normalizes its own samples in the authors' code, and draws its own
+        DropBlock masks (the group's index folded into the step's key), normalized by
+        its own kept count; the running averages become the mean of the groups' updates.
+        Groups are laid out whole on devices when their count is a multiple of the
+        device count, so that no activation crosses devices for them. A sample's mask
+        depends on its group and its place in it.
+        """
+        step = state["step"]
+        keep_prob = jnp.float32(1.0) if self.keep_prob is None else self.keep_prob(step)
+        batch = images.shape[0]
+        grouped = normalize(images).reshape(batch // self.group_size, self.group_size, *images.shape[1:])
+        if grouped.shape[0] % jax.device_count() == 0:
+            grouped = jax.lax.with_sharding_constraint(grouped, pod.data_shardings()[1])
+        # The masks of a step depend on (seed, step, group) only, not on where the run restarted.
+        step_key = jax.random.fold_in(self.dropout_key, step)
+        keys = jax.vmap(lambda group: jax.random.fold_in(step_key, group))(jnp.arange(grouped.shape[0]))
+
+        def one_group(images: jax.Array, key: jax.Array) -> tuple[jax.Array, Any]:
+            model = self._model(params, state, other)
+            if self.keep_prob is not None:
+                model.set_stage_keep_probs(keep_prob)
+            nnx.reseed(model, dropout=key)
+            return model(images), nnx.state(model, nnx.BatchStat)
+
+        logits, batch_stats = jax.vmap(one_group)(grouped, keys)
+        batch_stats = jax.tree.map(lambda stats: jnp.mean(stats, axis=0), batch_stats)
+        return logits.reshape(batch, -1), batch_stats, keep_prob
+
     def _train_step(
         self, state: dict[str, Any], other: Any, batch: dict[str, jax.Array]
     ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
         step = state["step"]
         targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], self.num_classes), self.config.label_smoothing)
-        keep_prob = jnp.float32(1.0) if self.keep_prob is None else self.keep_prob(step)
 
-        def loss_fn(params: Any) -> tuple[jax.Array, Any]:
-            model = self._model(params, state, other)
-            if self.keep_prob is not None:
-                model.set_stage_keep_probs(keep_prob)
-            # The masks of a step depend on (seed, step) only, not on where the run restarted.
-            nnx.reseed(model, dropout=jax.random.fold_in(self.dropout_key, step))
-            logits = model(normalize(batch["image"]))
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, jax.Array]]:
+            logits, batch_stats, keep_prob = self._forward(params, state, other, batch["image"])
             loss = optax.softmax_cross_entropy(logits, targets).mean()
-            return loss, nnx.state(model, nnx.BatchStat)
+            return loss, (batch_stats, keep_prob)
 
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, (batch_stats, keep_prob)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         new_state = {
             "params": optax.apply_updates(state["params"], updates),
@@ -316,42 +403,242 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------
-# Metrics: process 0 writes them.
+# What the run writes: in the work directory, which may be a bucket.
+
+
+def write_text(path: epath.Path, text: str) -> None:
+    """Replaces ``path``'s content with ``text`` whole: a killed write leaves the old content.
+
+    A bucket's object is replaced whole by its upload; a local file is written beside
+    and renamed over the old one.
+    """
+    if is_url(path):
+        path.write_text(text)
+    else:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text)
+        partial.replace(path)
+
+
+class JsonLines:
+    """A file of one JSON object a line that a resumed run continues.
+
+    Buckets cannot append to an object, so the file is rewritten whole (by
+    :func:`write_text`) at every :meth:`append`; it stays small (a line every
+    ``log_every_steps``). Opening it keeps the lines ``keep`` accepts, the ones a run
+    resumed from a checkpoint does not write again, and drops the rest.
+    """
+
+    def __init__(self, path: epath.Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+        self.path = path
+        old = path.read_text().splitlines() if path.exists() else []
+        self.records = [record for record in map(json.loads, old) if keep(record)]
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Adds ``record`` as the last line."""
+        self.records.append(record)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+
+class LocalFolder:
+    """A local folder for writers that need one (TensorBoard's, the profiler's), copied to ``target`` if remote.
+
+    With a local ``target`` it is ``target`` itself; for a URL, a temporary folder whose
+    files :meth:`upload` copies, whole, under ``target``.
+    """
+
+    def __init__(self, target: epath.Path) -> None:
+        self.target = target
+        self.remote = is_url(target)
+        self.path = pathlib.Path(tempfile.mkdtemp(prefix="workdir-")) if self.remote else pathlib.Path(target)
+
+    def upload(self) -> None:
+        """Copies every file of the local folder to the same place under the target (remote targets only)."""
+        if not self.remote:
+            return
+        for file in sorted(self.path.rglob("*")):
+            if file.is_file():
+                destination = self.target / file.relative_to(self.path).as_posix()
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                destination.write_bytes(file.read_bytes())
+
+    def close(self) -> None:
+        """Uploads what is left and removes the temporary folder (remote targets only)."""
+        if self.remote:
+            self.upload()
+            shutil.rmtree(self.path)
+
+
+def is_evaluation(record: dict[str, Any]) -> bool:
+    """Whether a line of ``metrics.jsonl`` is an evaluation's (the others are training lines)."""
+    return "top1" in record
 
 
 class MetricsWriter:
-    """``WORKDIR/metrics.jsonl`` and TensorBoard events, written by process 0 only; a line on stdout."""
+    """``WORKDIR/metrics.jsonl`` and TensorBoard events, written by process 0 only; a line on stdout.
 
-    def __init__(self, workdir: pathlib.Path) -> None:
+    A run resumed at ``resumed_step`` keeps the training lines up to that step and the
+    evaluations before it (an evaluation due at that step runs again); its TensorBoard
+    events start a new file that discards the old files' later steps.
+    """
+
+    def __init__(self, workdir: epath.Path, resumed_step: int) -> None:
         self.active = jax.process_index() == 0
         self.events: Any = None
         if self.active:
             from tensorboardX import SummaryWriter
 
-            self.lines = open(workdir / METRICS_FILE, "a")  # noqa: SIM115 (closed in close())
-            self.events = SummaryWriter(str(workdir / "tensorboard"))
+            def kept(record: dict[str, Any]) -> bool:
+                return record["step"] < resumed_step or (record["step"] == resumed_step and not is_evaluation(record))
+
+            self.lines = JsonLines(workdir / METRICS_FILE, kept)
+            self.folder = LocalFolder(workdir / "tensorboard")
+            self.events = SummaryWriter(str(self.folder.path), purge_step=resumed_step or None)
 
     def write(self, record: dict[str, Any]) -> None:
         """Appends ``record`` (with its ``step``) as one line, and its numbers as TensorBoard scalars."""
         if not self.active:
             return
-        self.lines.write(json.dumps(record) + "\n")
-        self.lines.flush()
+        self.lines.append(record)
         for name, value in record.items():
             if name != "step":
                 self.events.add_scalar(name, value, record["step"])
         self.events.flush()
+        self.folder.upload()
         print(" ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+
+    def best(self, metric: str) -> dict[str, Any] | None:
+        """The evaluation line with the highest ``metric`` over the whole run (earlier launches included)."""
+        evaluations = [record for record in self.lines.records if metric in record] if self.active else []
+        return max(evaluations, key=lambda record: record[metric], default=None)
 
     def close(self) -> None:
         """Closes the files."""
         if self.active:
-            self.lines.close()
             self.events.close()
+            self.folder.close()
+
+
+class StepClock:
+    """The wall time of the training steps of each logging interval, and the share of it spent waiting for input.
+
+    Evaluations, checkpoints and the train step's compilation run inside
+    :meth:`excluded` and do not count; the loop's waits for its next batch run inside
+    :meth:`waiting` and count, as part of the steps. A user reads from the share
+    whether the input pipeline keeps the devices busy.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._start = clock()
+        self._seconds = {"excluded": 0.0, "waiting": 0.0}
+
+    @contextlib.contextmanager
+    def _counted_as(self, part: str) -> Iterator[None]:
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._seconds[part] += self._clock() - start
+
+    def excluded(self) -> contextlib.AbstractContextManager[None]:
+        """Time that is not the training steps'."""
+        return self._counted_as("excluded")
+
+    def waiting(self) -> contextlib.AbstractContextManager[None]:
+        """The loop waiting for its next batch."""
+        return self._counted_as("waiting")
+
+    def lap(self) -> tuple[float, float]:
+        """(seconds of training steps since the previous lap, the share of them spent waiting); starts the next."""
+        now = self._clock()
+        seconds = now - self._start - self._seconds["excluded"]
+        waited = self._seconds["waiting"] / seconds if seconds > 0 else 0.0
+        self._start, self._seconds = now, {"excluded": 0.0, "waiting": 0.0}
+        return seconds, waited
+
+
+def synthetic_batches(
+    config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding
+) -> Iterator[tuple[dict, dict]]:
+    """One global batch of random images and labels, made on the devices, at every step (``config.synthetic_data``).
+
+    Nothing crosses from the hosts: a run measures the devices' images/s alone, as the
+    authors' ``resnet_main.py`` without ``data_dir`` and Flax's fake-data benchmark do.
+    """
+
+    def make(key: jax.Array) -> dict[str, jax.Array]:
+        images, labels = jax.random.split(key)
+        shape = (config.global_batch_size, config.image_size, config.image_size, 3)
+        return {
+            "image": jax.random.randint(images, shape, 0, 256).astype(jnp.uint8),
+            "label": jax.random.randint(labels, shape[:1], 0, SYNTHETIC_CLASSES),
+        }
+
+    batch = jax.jit(make, out_shardings=sharding)(jax.random.key(config.seed))
+    return itertools.repeat(({}, batch))
 
 
 # ----------------------------------------------------------------------------------------
 # The run.
+
+
+def count_records(data_dir: str, split: str) -> tuple[int, int]:
+    """(records held by the readable shards of ``split``, shards that cannot be read, e.g. cut short)."""
+    try:
+        files = input_pipeline.shard_files(data_dir, split)
+    except FileNotFoundError:
+        return 0, 0
+    held = unreadable = 0
+    for file in files:
+        try:
+            held += len(grain.sources.ArrayRecordDataSource([file]))
+        except RuntimeError:
+            unreadable += 1
+    return held, unreadable
+
+
+def check_data(data_dir: str, info: dict[str, Any]) -> None:
+    """Stops every process when the hosts' data directories differ, or one holds other records than it says.
+
+    Each host reads its own copy of the data (a local disk): a half-copied one
+    (missing or truncated shards) or one prepared differently would train on other
+    images, or stall the processes at the end of an epoch. Compared across hosts: the
+    classes of ``info.json`` (a CRC-32), its record counts, the records the shards
+    hold and the shards that cannot be read; then on each host, the counts with the
+    records.
+    """
+    facts = {"info.json classes (CRC-32)": zlib.crc32(json.dumps(info["classes"]).encode()) & 0x7FFFFFFF}
+    for split in input_pipeline.SPLITS:
+        facts[f"info.json {split} count"] = int(info[split])
+        held, unreadable = count_records(data_dir, split)
+        facts[f"{split} records in the shards"] = held
+        facts[f"unreadable {split} shards"] = unreadable
+    pod.check_hosts_agree(facts, f"config.data_dir={data_dir}")
+    for split in input_pipeline.SPLITS:
+        said, held = facts[f"info.json {split} count"], facts[f"{split} records in the shards"]
+        unreadable = facts[f"unreadable {split} shards"]
+        if said != held or unreadable:
+            raise ValueError(
+                f"config.data_dir={data_dir}: info.json counts {said} {split} records, its {split}-*.array_record "
+                f"shards hold {held}, {unreadable} shard(s) cannot be read (missing or cut short: copy the directory "
+                "again, or rerun prepare.py)."
+            )
+
+
+def batches_from(dataset: Iterable[Any], workers: int) -> Iterator[Any]:
+    """``dataset``'s batches; its worker processes, if any, started deaf to SIGTERM.
+
+    A preemption's SIGTERM reaches every process: the workers must keep feeding the
+    steps up to the checkpoint it triggers (``pod.sigterm_ignored_by_new_processes``).
+    Grain starts them when the first batch is asked for.
+    """
+    iterator = iter(dataset)
+    if not workers:
+        return iterator
+    with pod.sigterm_ignored_by_new_processes():
+        first = next(iterator, None)
+    return iterator if first is None else itertools.chain([first], iterator)
 
 
 def evaluate(
@@ -359,7 +646,7 @@ def evaluate(
     state: dict[str, Any],
     other: Any,
     batches: Iterator[tuple[dict, dict]],
-    debug: pathlib.Path | None,
+    debug: epath.Path | None,
 ) -> dict[str, Any]:
     """Top-1, top-5 and the count of images over the whole val split; with ``debug``, the predictions too."""
     totals = {"top1": 0, "top5": 0, "eval_images": 0}
@@ -375,7 +662,8 @@ def evaluate(
             dumped["logits"].append(np.asarray(multihost_utils.process_allgather(logits, tiled=True)))
     step = int(state["step"])
     if debug is not None and jax.process_index() == 0:
-        np.savez(debug / f"eval_step{step}.npz", **{k: np.concatenate(v) for k, v in dumped.items()})
+        with (debug / f"eval_step{step}.npz").open("wb") as file:
+            np.savez(file, **{k: np.concatenate(v) for k, v in dumped.items()})
     count = max(totals["eval_images"], 1)
     return {
         "step": step,
@@ -388,9 +676,13 @@ def evaluate(
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> dict[str, Any]:
     """Trains and evaluates as configured, resuming from ``workdir``'s checkpoints; returns the final train state."""
     check_config(config)
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    info = input_pipeline.read_info(config.data_dir)
+    if config.synthetic_data:
+        info = {"classes": range(SYNTHETIC_CLASSES), "train": SYNTHETIC_TRAIN_RECORDS}
+    else:
+        info = input_pipeline.read_info(config.data_dir)
+        check_data(config.data_dir, info)
     local_batch = pod.check_global_batch(config.global_batch_size, "config.global_batch_size")
     replicated, batched = pod.data_shardings()
     trainer = Trainer(config, len(info["classes"]), info["train"])
@@ -399,16 +691,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     manager = pod.checkpoint_manager(checkpoints, max_to_keep=config.keep_checkpoints)
     state = pod.restore_or_keep(manager, state)
     first, last = int(state["step"]), trainer.steps
-    debug = workdir / "debug" if config.debug_dumps else None
+    debug = workdir / "debug" if config.debug_dumps and not config.synthetic_data else None
     if debug is not None:
         debug.mkdir(exist_ok=True)
     process, processes = jax.process_index(), jax.process_count()
-    reading = {"threads": config.data_threads, "workers": config.data_workers}
-    data = {"process_index": process, "process_count": processes, "local_batch": local_batch}
-    data |= {"image_size": config.image_size, "crop_fraction": config.eval_crop_fraction}
-    train_batches = input_pipeline.train_batches(config.data_dir, seed=config.seed, start_step=first, **data, **reading)
-    eval_data, _ = input_pipeline.eval_batches(config.data_dir, **data, **reading)
-    writer = MetricsWriter(workdir)
+    if config.synthetic_data:
+        train_batches, eval_data = None, None
+    else:
+        reading = {"threads": config.data_threads, "workers": config.data_workers}
+        data = {"process_index": process, "process_count": processes, "local_batch": local_batch}
+        data |= {"image_size": config.image_size, "crop_fraction": config.eval_crop_fraction}
+        train_batches = input_pipeline.train_batches(
+            config.data_dir, seed=config.seed, start_step=first, **data, **reading
+        )
+        eval_data, _ = input_pipeline.eval_batches(config.data_dir, **data, **reading)
+    writer = MetricsWriter(workdir, first)
     if process == 0:
         print(
             f"{processes} process(es), {jax.device_count()} device(s), global batch {config.global_batch_size}, "
@@ -417,67 +714,93 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         )
 
     def run_eval() -> None:
-        writer.write(evaluate(trainer, state, other, input_pipeline.on_devices(iter(eval_data), batched), debug))
+        # Synthetic data has no validation split: its accuracy would mean nothing.
+        if eval_data is not None:
+            batches = input_pipeline.on_devices(batches_from(eval_data, config.data_workers), batched)
+            writer.write(evaluate(trainer, state, other, batches, debug))
 
     if config.eval_every_steps and 0 < first < last and first % config.eval_every_steps == 0:
         # A run stopped by SIGTERM saves and exits before the evaluation due at that step.
         run_eval()
 
     pending: list[dict[str, jax.Array]] = []
-    clock = time.perf_counter()
-    stream = input_pipeline.on_devices(iter(train_batches), batched, config.prefetch_batches)
-    records_log = open(debug / f"train_records.process{process}.jsonl", "a") if debug else None  # noqa: SIM115
+    clock = StepClock()
+    train_step = None
+    if train_batches is None:
+        stream = synthetic_batches(config, batched)
+    else:
+        stream = input_pipeline.on_devices(
+            batches_from(train_batches, config.data_workers), batched, config.prefetch_batches
+        )
+    records_log = None
+    if debug is not None:
+        records_log = JsonLines(debug / f"train_records.process{process}.jsonl", lambda record: record["step"] < first)
+    profile = LocalFolder(workdir / "profile") if config.profile_steps and process == 0 else None
     profiling = False
     with pod.Preemption() as preemption:
         for step in range(first, last):
-            if config.profile_steps and process == 0 and step == config.profile_first_step:
-                jax.profiler.start_trace(str(workdir / "profile"))
+            if profile is not None and step == config.profile_first_step:
+                with clock.excluded():
+                    jax.profiler.start_trace(str(profile.path))
                 profiling = True
-            host, batch = next(stream)
-            state, metrics = trainer.train_step(state, other, batch)
+            with clock.waiting():
+                host, batch = next(stream)
+            if train_step is None:
+                # Compiled ahead, so that the first interval's images/s counts the step, not its compilation.
+                with clock.excluded():
+                    train_step = trainer.train_step.lower(state, other, batch).compile()
+            state, metrics = train_step(state, other, batch)
             pending.append(metrics)
             if records_log is not None:
-                records_log.write(json.dumps({"step": step, "records": host["record"].tolist()}) + "\n")
-                records_log.flush()
+                records_log.append({"step": step, "records": host["record"].tolist()})
             if profiling and step + 1 == config.profile_first_step + config.profile_steps:
                 jax.block_until_ready(state)
-                jax.profiler.stop_trace()
+                with clock.excluded():
+                    jax.profiler.stop_trace()
                 profiling = False
             done = step + 1
             preempted = preemption.reached(step)
             if done % config.log_every_steps == 0 or done == last or preempted:
                 values = jax.device_get(pending)
-                elapsed, clock = time.perf_counter() - clock, time.perf_counter()
+                seconds, waited = clock.lap()
+                images = len(values) * config.global_batch_size
                 writer.write(
                     {
                         "step": done,
                         "loss": float(np.mean([v["loss"] for v in values])),
                         "learning_rate": float(values[-1]["learning_rate"]),
                         "keep_prob": float(values[-1]["keep_prob"]),
-                        "images_per_second_per_device": len(values)
-                        * config.global_batch_size
-                        / elapsed
-                        / jax.device_count(),
+                        "images_per_second_per_device": images / seconds / jax.device_count(),
+                        "input_wait_fraction": waited,
                         "epoch": done / trainer.steps_per_epoch,
                     }
                 )
                 pending = []
+            # The steps' device time counts as training, up to here; the save's and the evaluation's do not.
             if done % config.checkpoint_every_steps == 0 or done == last or preempted:
-                manager.save(done, args=ocp.args.StandardSave(state), force=preempted)
+                jax.block_until_ready(state)
+                with clock.excluded():
+                    manager.save(done, args=ocp.args.StandardSave(state), force=preempted)
             if preempted:
                 if process == 0:
                     print(f"SIGTERM: saved step {done}, stopping", flush=True)
                 break
             if config.eval_every_steps and done % config.eval_every_steps == 0 and done != last:
-                run_eval()
+                jax.block_until_ready(state)
+                with clock.excluded():
+                    run_eval()
         else:
-            run_eval()
+            with clock.excluded():
+                run_eval()
     if profiling:
         jax.profiler.stop_trace()
-    if records_log is not None:
-        records_log.close()
+    if profile is not None:
+        profile.close()
     manager.wait_until_finished()
     manager.close()
+    best = writer.best("top1")
+    if best is not None:
+        print(f"best top1 {best['top1']:.6g} at step {best['step']}", flush=True)
     writer.close()
     return state
 
@@ -515,7 +838,8 @@ def main(argv: Sequence[str]) -> int:
     config = flags.FLAGS.config
     try:
         check_config(config)
-        input_pipeline.read_info(config.data_dir)
+        if not config.synthetic_data:
+            input_pipeline.read_info(config.data_dir)
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from error
     train_and_evaluate(config, flags.FLAGS.workdir)

@@ -4,8 +4,8 @@ import ml_collections
 from configs import baseline
 
 
-def get_config() -> ml_collections.ConfigDict:
-    """The baseline with DropBlock at the authors' 36 places."""
-    config = baseline.get_config()
+def get_config(schedule: str = "90") -> ml_collections.ConfigDict:
+    """The baseline with DropBlock at the authors' 36 places; ``schedule`` as in ``baseline.py`` (90 or 270 epochs)."""
+    config = baseline.get_config(schedule)
     config.regularizer = "dropblock"
     return config

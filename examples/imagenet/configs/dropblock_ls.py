@@ -4,8 +4,8 @@ import ml_collections
 from configs import dropblock
 
 
-def get_config() -> ml_collections.ConfigDict:
-    """DropBlock's configuration with labels smoothed by 0.1."""
-    config = dropblock.get_config()
+def get_config(schedule: str = "90") -> ml_collections.ConfigDict:
+    """DropBlock's configuration with labels smoothed by 0.1; ``schedule`` as in ``baseline.py`` (90 or 270 epochs)."""
+    config = dropblock.get_config(schedule)
     config.label_smoothing = 0.1
     return config
