@@ -119,14 +119,15 @@ def _batch(seed=0, size=8):
     }
 
 
-def _one_device():
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+def _replicated():
+    # The example's own placement: its state replicated over a mesh of every device (4 here).
+    return pod.data_shardings()[0]
 
 
 def test_one_optimizer_step_decays_every_weight_but_the_batch_norms():
     config = _small_config()
     run = trainer.Trainer(config, NUM_CLASSES, train_records=64)
-    state, _ = run.initial_state(_one_device())
+    state, _ = run.initial_state(_replicated())
     params = state["params"]
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = run.tx.update(zero, state["opt_state"], params)
@@ -154,7 +155,7 @@ def test_dropblock_ls_trains_on_labels_smoothed_by_0_1():
     config = _small_config(dropblock_ls)
     assert config.label_smoothing == 0.1
     run = trainer.Trainer(config, NUM_CLASSES, train_records=64)
-    state, other = run.initial_state(_one_device())
+    state, other = run.initial_state(_replicated())
     # A freshly built network predicts nearly uniformly, where smoothing changes little: spread the head's bias.
     spread = np.random.default_rng(3).normal(0, 3, NUM_CLASSES).astype(np.float32)
 
@@ -181,7 +182,7 @@ def test_one_group_of_the_whole_batch_is_the_synchronized_batch_norm():
     results = []
     for group_size in (0, 8):
         run = trainer.Trainer(_small_config(batch_norm_group_size=group_size), NUM_CLASSES, train_records=64)
-        state, other = run.initial_state(_one_device())
+        state, other = run.initial_state(_replicated())
         results.append(jax.device_get(run.forward(state["params"], state, other, batch["image"])[:2]))
     (logits_0, stats_0), (logits_8, stats_8) = results
     assert np.array_equal(logits_0, logits_8)
@@ -192,7 +193,7 @@ def test_one_group_of_the_whole_batch_is_the_synchronized_batch_norm():
 def test_groups_of_two_normalize_each_pair_by_its_own_statistics():
     # The training-mode output of a sample changes with its group's other sample only.
     run = trainer.Trainer(_small_config(batch_norm_group_size=2), NUM_CLASSES, train_records=64)
-    state, other = run.initial_state(_one_device())
+    state, other = run.initial_state(_replicated())
     images = np.asarray(_batch(2)["image"])
     changed = images.copy()
     changed[3] = 255 - changed[3]  # the second sample of group 1
@@ -203,7 +204,7 @@ def test_groups_of_two_normalize_each_pair_by_its_own_statistics():
 
 def test_the_running_averages_are_the_mean_of_the_groups_updates():
     grouped = trainer.Trainer(_small_config(batch_norm_group_size=2), NUM_CLASSES, train_records=64)
-    state, other = grouped.initial_state(_one_device())
+    state, other = grouped.initial_state(_replicated())
     images = np.asarray(_batch(4)["image"])
     _, stats, _ = grouped.forward(state["params"], state, other, jnp.asarray(images))
     # Each pair alone, as a batch of 2 normalized over itself.
