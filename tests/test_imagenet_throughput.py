@@ -118,7 +118,7 @@ def test_the_loop_keeps_evaluations_checkpoints_and_the_compilation_out_of_the_s
     config.unlock()
     config.update(data_dir=str(data_dir), num_train_steps=3, eval_every_steps=1, checkpoint_every_steps=1)
     # ResNet-18's structure compiles faster than ResNet-50's, and the loop is the same.
-    config.update(data_threads=1, global_batch_size=2, model_depth=18)
+    config.update(data_threads=1, global_batch_size=4, model_depth=18)
     trainer.train_and_evaluate(config, tmp_path / "work")
     assert {name for name, _ in events} == {"evaluate", "save", "compile", "batch"}
     # The train batches are waited for; evaluations (their batches included), checkpoints and
