@@ -345,7 +345,9 @@ def _reference_block(x, block, kind, stride):
         assert sorted(convs) == sorted(norms) == [0, 1]
         y = _relu(_reference_bn(reference_conv(x, convs[0]["kernel"], stride), norms[0]))
         y = _reference_bn(reference_conv(y, convs[1]["kernel"], 1), norms[1])
-    # A 1x1 convolution and batch norm (no ReLU) where the block changes the shape.
+    # A 1x1 convolution and batch norm (no ReLU) where the block changes the shape, as in
+    # He et al. and torchvision (resnet_model.py also projects the first block of group 1
+    # of ResNet-18 and -34, which keeps the shape; dropblock_jax.models does not).
     if stride != 1 or x.shape[-1] != y.shape[-1]:
         projection = block["projection"]["layers"]
         assert sorted(projection) == [0, 1]

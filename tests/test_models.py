@@ -190,7 +190,8 @@ def test_the_model_can_be_built_under_jit_and_eval_shape():
 # resnet(): the authors' ImageNet networks.
 
 # Parameter counts of torchvision's ResNets (torchvision.models.resnetXX().parameters()),
-# which have the same layers and batch norms as the authors' TPU ResNet.
+# which have the same layers and batch norms as the authors' TPU ResNet, but for the
+# projection the TPU code gives the first block of group 1 at depths 18 and 34.
 # (101: 44,549,160 and 152: 60,192,808 too; not built here, for time.)
 TORCHVISION_PARAMETERS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032}
 
