@@ -384,7 +384,7 @@ def reference_resnet_logits(variables, images, depth):
 
 
 def randomize_resnet_variables(model, seed):
-    """Gives every parameter and batch statistic of ``model`` a random value, in place; returns them.
+    """Gives every parameter and batch statistic of ``model`` a random value, in place.
 
     At initialization the last batch norm of every block has zero scale and every batch
     norm zero bias, so a block's branch is zero and its output cannot tell where a ReLU
@@ -410,7 +410,6 @@ def randomize_resnet_variables(model, seed):
     pure = jax.tree_util.tree_map_with_path(draw, pure)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
-    return pure
 
 
 # ---- examples/imagenet: runs ----

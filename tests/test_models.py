@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from dropblock_jax.models import BLOCKS, ResNet, resnet, stage_keep_prob
 from dropblock_jax.nnx import DropBlock, set_keep_prob
@@ -461,8 +462,9 @@ def float32_resnet(request):
 def test_eval_logits_are_the_authors_resnet_computed_in_float64_from_the_same_variables(float32_resnet):
     depth, model = float32_resnet
     model = nnx.clone(model)
-    variables = randomize_resnet_variables(model, seed=depth)
+    randomize_resnet_variables(model, seed=depth)
     model.eval()  # batch norm on the running statistics, DropBlock off
+    variables = nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     logits = np.asarray(model(images))
     expected = reference_resnet_logits(variables, images, depth)
@@ -501,9 +503,9 @@ def _equations(jaxpr):
         yield equation
         for value in equation.params.values():
             for inner in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(inner, jax.extend.core.ClosedJaxpr):
+                if isinstance(inner, ClosedJaxpr):
                     yield from _equations(inner.jaxpr)
-                elif isinstance(inner, jax.extend.core.Jaxpr):
+                elif isinstance(inner, Jaxpr):
                     yield from _equations(inner)
 
 
