@@ -479,7 +479,9 @@ def resnet(
     initialized from N(0, 0.01). ``resnet(50)`` has 25,557,032 parameters, like Flax's
     and torchvision's ResNet-50, and DropBlock at the authors' 36 places (29 with
     ``regularized_shortcuts="projection"``). At depths 18 and 34, where the authors put
-    none, the basic blocks are regularized at the same places.
+    none, the basic blocks are regularized at the same places; there the first block of
+    group 1, which keeps the shape, has an identity shortcut, as in torchvision, where
+    ``resnet_model.py`` gives it a projection (4,224 more parameters at ``base_width=64``).
 
     Args:
       depth: one of 18, 34, 50, 101, 152, 200.

@@ -288,6 +288,130 @@ def layers_of(model, kind):
     return {path: node for path, node in nnx.iter_graph(model) if isinstance(node, kind)}
 
 
+# ---- models: the authors' ResNet written out in float64 NumPy ----
+# From He et al. (2016) and the authors' resnet_model.py (tensorflow/tpu), not from
+# dropblock_jax.models: it reads a model's parameters and batch statistics by name and
+# nothing else.
+
+# Block kind and blocks per group of each depth.
+RESNET_GROUPS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3))}
+# resnet_model.py's BATCH_NORM_EPSILON.
+RESNET_BN_EPSILON = 1e-5
+
+
+def reference_conv(x, kernel, stride):
+    """conv2d_fixed_padding: (k - 1) // 2 rows and columns of zeros before, k // 2 after, whatever the stride."""
+    k = kernel.shape[0]
+    x = np.pad(x, ((0, 0), ((k - 1) // 2, k // 2), ((k - 1) // 2, k // 2), (0, 0)))
+    rows, cols = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
+    out = np.zeros((x.shape[0], rows, cols, kernel.shape[-1]))
+    for i in range(k):
+        for j in range(k):
+            out += x[:, i : i + stride * rows : stride, j : j + stride * cols : stride] @ kernel[i, j]
+    return out
+
+
+def _reference_bn(x, norm):
+    """Batch norm in inference: the running mean and variance, then scale and bias."""
+    return (x - norm["mean"]) / np.sqrt(norm["var"] + RESNET_BN_EPSILON) * norm["scale"] + norm["bias"]
+
+
+def _relu(x):
+    return np.maximum(x, 0.0)
+
+
+def _reference_max_pool(x, window=3, stride=2):
+    """TensorFlow's max pool with "SAME" padding: ceil(size / stride) outputs, the padding's odd row after."""
+    pads = []
+    for size in x.shape[1:3]:
+        total = max((-(-size // stride) - 1) * stride + window - size, 0)
+        pads.append((total // 2, total - total // 2))
+    x = np.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-np.inf)
+    rows, cols = (x.shape[1] - window) // stride + 1, (x.shape[2] - window) // stride + 1
+    offsets = [(i, j) for i in range(window) for j in range(window)]
+    return np.max([x[:, i : i + stride * rows : stride, j : j + stride * cols : stride] for i, j in offsets], axis=0)
+
+
+def _reference_block(x, block, kind, stride):
+    """One post-activation residual block: relu(branch(x) + shortcut(x))."""
+    convs, norms = block["convs"], block["norms"]
+    if kind == "bottleneck":
+        # v1.5: 1x1 reduction, the stride on the 3x3, 1x1 expansion; no ReLU after the last.
+        assert sorted(convs) == sorted(norms) == [0, 1, 2]
+        y = _relu(_reference_bn(reference_conv(x, convs[0]["kernel"], 1), norms[0]))
+        y = _relu(_reference_bn(reference_conv(y, convs[1]["kernel"], stride), norms[1]))
+        y = _reference_bn(reference_conv(y, convs[2]["kernel"], 1), norms[2])
+    else:
+        assert sorted(convs) == sorted(norms) == [0, 1]
+        y = _relu(_reference_bn(reference_conv(x, convs[0]["kernel"], stride), norms[0]))
+        y = _reference_bn(reference_conv(y, convs[1]["kernel"], 1), norms[1])
+    # A 1x1 convolution and batch norm (no ReLU) where the block changes the shape, as in
+    # He et al. and torchvision (resnet_model.py also projects the first block of group 1
+    # of ResNet-18 and -34, which keeps the shape; dropblock_jax.models does not).
+    if stride != 1 or x.shape[-1] != y.shape[-1]:
+        projection = block["projection"]["layers"]
+        assert sorted(projection) == [0, 1]
+        shortcut = _reference_bn(reference_conv(x, projection[0]["kernel"], stride), projection[1])
+    else:
+        assert block.get("projection") is None
+        shortcut = x
+    return _relu(y + shortcut)
+
+
+def reference_resnet_logits(variables, images, depth):
+    """Eval-mode logits of the authors' ImageNet ResNet of ``depth`` layers, in float64.
+
+    7x7/2 convolution, batch norm, ReLU, 3x3/2 max pool; four groups of blocks, the first
+    block of groups 2 to 4 with stride 2; global average pooling and a dense layer.
+    Batch norm uses the running statistics; DropBlock is off in inference.
+
+    Args:
+      variables: the model's parameters and batch statistics as nested dicts
+        (``nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))``).
+      images: ``(N, H, W, C)``.
+      depth: a key of :data:`RESNET_GROUPS`.
+    """
+    kind, groups = RESNET_GROUPS[depth]
+    v = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), variables)
+    x = _relu(_reference_bn(reference_conv(np.asarray(images, np.float64), v["stem"]["kernel"], 2), v["stem_bn"]))
+    x = _reference_max_pool(x)
+    assert sorted(v["stages"]) == [0, 1, 2, 3]
+    for group, count in enumerate(groups):
+        assert sorted(v["stages"][group]) == list(range(count))
+        for index in range(count):
+            x = _reference_block(x, v["stages"][group][index], kind, 2 if group > 0 and index == 0 else 1)
+    return x.mean(axis=(1, 2)) @ v["head"]["kernel"] + v["head"]["bias"]
+
+
+def randomize_resnet_variables(model, seed):
+    """Gives every parameter and batch statistic of ``model`` a random value, in place.
+
+    At initialization the last batch norm of every block has zero scale and every batch
+    norm zero bias, so a block's branch is zero and its output cannot tell where a ReLU
+    or a batch norm sits; random scales, biases and running statistics (variances
+    positive) make every layer show in the logits.
+    """
+    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
+    pure = nnx.to_pure_dict(state)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name, shape = path[-1].key, leaf.shape
+        if name == "kernel":
+            # He's scale on the fan-in keeps the activations of order one through the network.
+            fan_in = int(np.prod(shape[:-1]))
+            value = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+        elif name in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, shape)
+        else:  # bias, mean
+            value = rng.normal(0.0, 0.5, shape)
+        return jax.numpy.asarray(value, leaf.dtype)
+
+    pure = jax.tree_util.tree_map_with_path(draw, pure)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+
+
 # ---- examples/imagenet: runs ----
 # A tiny ImageNet folder prepared once per session, the launched trainers' environment and
 # their shared compilation cache, and a Cloud Storage server on localhost standing in for a bucket.

@@ -1,6 +1,7 @@
 """python -m dropblock_jax.demo: the quick run's outputs, and clear errors for bad --data."""
 
 import importlib
+import itertools
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from dropblock_jax.demo.stats import mean_over_grid, paired_difference, t_quanti
 from dropblock_jax.demo.train import METHODS, REGULARIZERS, InferenceDropBlock, StressTest, dropout, spatial_dropout
 from dropblock_jax.models import resnet
 from dropblock_jax.nnx import DropBlock
-from helpers import layers_of
+from helpers import expected_keep_fraction, layers_of, paper_gamma
 from helpers import small_resnet as small
 
 METHOD_NAMES = [m.name for m in METHODS]
@@ -357,3 +358,34 @@ def test_inference_dropblock_perturbs_an_eval_resnet50_and_is_off_at_keep_1():
 
     np.testing.assert_allclose(forward(model, np.float32(1.0)), model(images), rtol=1e-5, atol=1e-6)
     assert not np.allclose(forward(model, np.float32(0.5)), model(images), rtol=1e-3)
+
+
+def test_inference_dropblock_gives_every_place_its_own_mask():
+    # Ones in and no rescaling: the output is the mask. The places of one block (its
+    # branch layers and its shortcut) and of different blocks all draw their own.
+    x = jnp.ones((2, 8, 8, 4))
+    probe = InferenceDropBlock(jax.random.key(0), 0.5, block_size=1, per_stage=False, normalize="none")
+    places = [(stage, block, index) for stage in (0, 1) for block in (0, 1) for index in range(4)]
+    masks = {place: np.asarray(probe(x, place, stages_from_last=0)) for place in places}
+    for place, mask in masks.items():
+        assert set(np.unique(mask)) == {0.0, 1.0}, place
+        np.testing.assert_array_equal(probe(x, place, stages_from_last=0), mask)  # one place, one mask
+    for first, second in itertools.combinations(places, 2):
+        assert not np.array_equal(masks[first], masks[second]), (first, second)
+
+
+@pytest.mark.parametrize("normalize", ["batch", "expected", "none"])
+def test_inference_dropblock_rescales_what_it_keeps_as_its_normalize_says(normalize):
+    x = jnp.ones((4, 8, 8, 2))
+    key, place = jax.random.key(3), (1, 0, 2)
+    dropped = np.asarray(InferenceDropBlock(key, 0.7, block_size=3, normalize=normalize)(x, place, stages_from_last=0))
+    mask = np.asarray(InferenceDropBlock(key, 0.7, block_size=3, normalize="none")(x, place, stages_from_last=0))
+    assert set(np.unique(mask)) == {0.0, 1.0}
+    # "batch": the inverse of the kept fraction of the whole array; "expected": the inverse of
+    # the expected kept fraction of an 8x8 map under the paper's gamma for 3x3 blocks.
+    scale = {
+        "batch": mask.size / mask.sum(),
+        "expected": 1.0 / expected_keep_fraction(paper_gamma(0.7, (8, 8), 3), (8, 8), 3),
+        "none": 1.0,
+    }[normalize]
+    np.testing.assert_allclose(dropped, mask * scale, rtol=1e-6)

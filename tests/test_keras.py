@@ -451,3 +451,46 @@ def test_import_with_keras_on_its_default_backend_says_to_set_keras_backend(tmp_
     assert "runs on Keras's JAX backend, but `import keras` failed" in message
     assert "tensorflow" in message and "Set the environment variable KERAS_BACKEND=jax" in message
     assert "not installed: pip install" not in message
+
+
+class _KeepProbReader(keras.callbacks.Callback):
+    """Reads a DropBlock's keep_prob before and after every training batch, with its epoch and batch."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+        self.epoch = None
+        self.begins, self.ends, self.logged = [], [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def _read(self, batch):
+        # Callback.model writes the trainer's state back first: this is the value the step reads.
+        return self.epoch, batch, float(self.model.get_layer(self.name).keep_prob.value)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.begins.append(self._read(batch))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(self._read(batch))
+        self.logged.append(logs["keep_prob"])
+
+
+def test_keep_prob_scheduler_counts_the_batches_of_the_earlier_epochs_of_one_fit():
+    # Three epochs of three batches in one fit: the step of batch b of epoch e is 3 e + b.
+    drop = _ProbedDropBlock(keep_prob=0.9, block_size=3, seed=0, name="drop")
+    model = _conv_model(drop)
+    x, y = _data(48)
+    reader = _KeepProbReader("drop")
+    scheduler = KeepProbScheduler(lambda step: 1.0 - 0.05 * step)
+    model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, callbacks=[scheduler, reader])
+    jax.effects_barrier()
+    batches = [(epoch, batch) for epoch in range(3) for batch in range(3)]
+    expected = [1.0 - 0.05 * (3 * epoch + batch) for epoch, batch in batches]
+    for reads in (reader.begins, reader.ends):
+        assert [read[:2] for read in reads] == batches
+        assert [read[2] for read in reads] == pytest.approx(expected)
+    assert reader.logged == pytest.approx(expected)
+    # ... and what each step drew its mask with.
+    assert [keep for keep, _ in drop.draws] == pytest.approx(expected)

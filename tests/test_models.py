@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from dropblock_jax.models import BLOCKS, ResNet, resnet, stage_keep_prob
 from dropblock_jax.nnx import DropBlock, set_keep_prob
-from helpers import layers_of
+from helpers import layers_of, randomize_resnet_variables, reference_conv, reference_resnet_logits
 from helpers import small_resnet as small
 
 
@@ -190,7 +191,8 @@ def test_the_model_can_be_built_under_jit_and_eval_shape():
 # resnet(): the authors' ImageNet networks.
 
 # Parameter counts of torchvision's ResNets (torchvision.models.resnetXX().parameters()),
-# which have the same layers and batch norms as the authors' TPU ResNet.
+# which have the same layers and batch norms as the authors' TPU ResNet, but for the
+# projection the TPU code gives the first block of group 1 at depths 18 and 34.
 # (101: 44,549,160 and 152: 60,192,808 too; not built here, for time.)
 TORCHVISION_PARAMETERS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032}
 
@@ -443,3 +445,127 @@ def test_the_graphdef_is_hashable_so_it_can_be_a_static_jit_argument():
     graphdef, _ = nnx.split(model)
     assert jax.jit(lambda x, g: x, static_argnums=1)(1.0, graphdef) == 1.0
     assert hash(graphdef) == hash(nnx.split(resnet(18, 10, base_width=4, rngs=nnx.Rngs(1)))[0])
+
+
+# ----------------------------------------------------------------------------------------
+# The function, not only the structure: logits against a float64 reference of the authors'
+# network, the initial values of every batch norm, the dtype policy, the momentum.
+
+
+@pytest.fixture(scope="module", params=[18, 50])
+def float32_resnet(request):
+    """A narrow float32 ResNet-18 and ResNet-50 with parameters, DropBlock at keep_prob 0.5; tests take clones."""
+    model = resnet(request.param, 10, base_width=4, keep_prob=0.5, rngs=nnx.Rngs(params=0, dropout=1))
+    return request.param, model
+
+
+def test_eval_logits_are_the_authors_resnet_computed_in_float64_from_the_same_variables(float32_resnet):
+    depth, model = float32_resnet
+    model = nnx.clone(model)
+    randomize_resnet_variables(model, seed=depth)
+    model.eval()  # batch norm on the running statistics, DropBlock off
+    variables = nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    logits = np.asarray(model(images))
+    expected = reference_resnet_logits(variables, images, depth)
+    assert logits.dtype == np.float32 and logits.shape == expected.shape == (2, 10)
+    # float32 rounds each product and partial sum to 2**-24 relative; over some fifty layers,
+    # each a sum of at most a few hundred products, the rounding stays orders of magnitude
+    # below 1e-4 of the logits' scale, where a layer added, dropped or moved changes them by
+    # a fraction of order one.
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_every_blocks_last_batch_norm_of_both_kinds_starts_at_zero_scale_and_every_other_at_identity(float32_resnet):
+    depth, model = float32_resnet
+    last_index = {18: 1, 50: 2}[depth]  # two 3x3 convolutions, or 1x1-3x3-1x1
+    blocks = {18: 8, 50: 16}[depth]
+    norms = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.BatchNorm)}
+    last = {path for path in norms if path[-2:] == ("norms", last_index)}
+    assert len(last) == blocks
+    for path, norm in norms.items():
+        np.testing.assert_array_equal(norm.scale[...], 0.0 if path in last else 1.0, err_msg=str(path))
+        np.testing.assert_array_equal(norm.bias[...], 0.0, err_msg=str(path))
+        np.testing.assert_array_equal(norm.mean[...], 0.0, err_msg=str(path))
+        np.testing.assert_array_equal(norm.var[...], 1.0, err_msg=str(path))
+    # So every block starts as its shortcut: at initialization in eval mode an identity block
+    # passes its input, relu(0 + x) = x for the nonnegative x a block receives.
+    model = nnx.clone(model)
+    model.eval()
+    block = model.stages[0][1]
+    x = jax.nn.relu(jax.random.normal(jax.random.key(1), (2, 8, 8, block.convs[0].in_features)))
+    np.testing.assert_array_equal(block(x), x)
+
+
+def _equations(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations."""
+    for equation in jaxpr.eqns:
+        yield equation
+        for value in equation.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(inner, ClosedJaxpr):
+                    yield from _equations(inner.jaxpr)
+                elif isinstance(inner, Jaxpr):
+                    yield from _equations(inner)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_under_bfloat16_every_convolution_and_the_head_compute_in_bfloat16_on_float32_variables(train):
+    model = abstract_resnet(50, num_classes=10, base_width=4, dtype=jnp.bfloat16)
+    if not train:
+        model.eval()
+    graphdef, state = nnx.split(model)
+    closed = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(
+        state, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    )
+    equations = list(_equations(closed.jaxpr))
+    products = [e for e in equations if e.primitive.name in ("conv_general_dilated", "dot_general")]
+    # The stem, 16 blocks of three, 4 projections, and the head.
+    assert [e.primitive.name for e in products].count("conv_general_dilated") == 53
+    assert [e.primitive.name for e in products][-1] == "dot_general"
+    assert [e.primitive.name for e in products].count("dot_general") == 1
+    bf16 = jnp.dtype(jnp.bfloat16)
+    for e in products:
+        dtypes = [v.aval.dtype for v in (*e.invars, *e.outvars)]
+        assert dtypes == [bf16] * len(dtypes), (e.primitive.name, dtypes)
+    # The logits come back in float32, for the loss.
+    assert closed.out_avals[0].dtype == jnp.float32
+
+
+def test_bn_momentum_reaches_every_batch_norm_and_moves_its_statistics_by_the_authors_rule():
+    # One training-mode step from the initial statistics (mean 0, variance 1):
+    # new = momentum * old + (1 - momentum) * batch statistic. Train mode normalizes with the
+    # batch's own statistics, so two momenta see the same batch statistics at every norm.
+    images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3)) + 0.5
+    moved = {}
+    for momentum in (0.5, 0.8):
+        model = ResNet(
+            10,
+            in_features=3,
+            widths=(4, 8),
+            blocks=(2, 1),
+            block="bottleneck",
+            stem="imagenet",
+            regularizer="none",
+            bn_momentum=momentum,
+            rngs=nnx.Rngs(0),
+        )
+        model(images)
+        norms = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.BatchNorm)}
+        moved[momentum] = {
+            path: (
+                (np.asarray(norm.mean[...], np.float64) - momentum * 0.0) / (1 - momentum),
+                (np.asarray(norm.var[...], np.float64) - momentum * 1.0) / (1 - momentum),
+            )
+            for path, norm in norms.items()
+        }
+    # The stem, three norms in each of 3 blocks, 2 projections.
+    assert len(moved[0.5]) == 12 and moved[0.5].keys() == moved[0.8].keys()
+    for path, (mean, var) in moved[0.5].items():
+        np.testing.assert_allclose(mean, moved[0.8][path][0], rtol=1e-4, atol=1e-5, err_msg=str(path))
+        np.testing.assert_allclose(var, moved[0.8][path][1], rtol=1e-4, atol=1e-5, err_msg=str(path))
+        assert np.abs(mean).max() > 1e-3 and np.abs(var - 1).max() > 1e-3, path
+    # The stem's batch statistics, written out: its convolution's output over N, H and W.
+    stem = reference_conv(np.asarray(images, np.float64), np.asarray(model.stem.kernel[...], np.float64), 2)
+    np.testing.assert_allclose(moved[0.5][("stem_bn",)][0], stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(moved[0.5][("stem_bn",)][1], stem.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
