@@ -34,6 +34,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import importlib.util
 import io
 import json
@@ -48,12 +49,27 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "examples" / "imagenet"), str(ROOT / "examples")]
-import input_pipeline  # noqa: E402
-from array_record.python.array_record_module import ArrayRecordWriter  # noqa: E402
+IMAGENET_EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "imagenet"
+
+
+def example_module(name: str):
+    """``examples/imagenet``'s module or package ``name``, imported as its scripts import it, ``sys.path`` untouched.
+
+    The example's modules import their neighbours by name (``input_pipeline`` imports
+    ``pod``): load those first.
+    """
+    spec = importlib.machinery.PathFinder.find_spec(name, [str(IMAGENET_EXAMPLE)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+example_module("pod")
+input_pipeline = example_module("input_pipeline")
 
 IMAGE_SIZE = 224
 CROP_FRACTION = 0.875

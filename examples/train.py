@@ -13,8 +13,9 @@ parameters, batch statistics, optimizer state and step: a run restarted from its
 checkpoint continues with the masks and the parameters an unbroken run would have.
 A SIGTERM (a preempted TPU VM's notice; the ``--simulate-hosts`` launcher passes it on
 to its processes) makes every process save the step it has reached and exit cleanly.
-The slicing, the global batch, checkpoints, preemption and the processes are
-``examples/pod.py``'s, shared with ``examples/imagenet/train.py``.
+The slicing, the global batch, checkpoints, preemption and the processes are those of
+``examples/imagenet/pod/``, the package ``examples/imagenet/train.py`` runs on too,
+imported here as ``imagenet.pod``.
 
 Run it (requirements: ``pip install -r examples/requirements.txt``)::
 
@@ -35,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
-import pathlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -50,14 +49,13 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from dropblock_jax import block_mask
-from dropblock_jax.demo.data import upscale
+# examples/ is this script's folder, the first entry of sys.path: the ImageNet example's
+# pod machinery (slices, global batch, checkpoints, preemption, processes) is one import away.
+from imagenet import pod
+
+from dropblock_jax import block_mask, linear_keep_prob_schedule
 from dropblock_jax.models import ResNet
 from dropblock_jax.nnx import DropBlock
-
-# The machinery shared with examples/imagenet/train.py (slices, global batch, checkpoints, processes).
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import pod
 
 # sklearn's digits: 1797 records; the first TRAIN_RECORDS are the training set, split
 # between the processes; the rest are never read here.
@@ -96,6 +94,17 @@ def load_host_slice(process_index: int, process_count: int, image_scale: int) ->
     # a process sees only its slice, and every process must preprocess alike.
     images = upscale(images / 8.0 - 1.0, image_scale)
     return images, digits.target[records.start : records.stop].astype(np.int32)
+
+
+def upscale(images: np.ndarray, factor: int) -> np.ndarray:
+    """NHWC images ``factor`` times larger, bilinearly: neighbouring pixels correlate, as in photos.
+
+    DropBlock is made for such inputs: dropping one pixel of a smooth image hides little.
+    """
+    if factor == 1:
+        return images
+    n, height, width, channels = images.shape
+    return np.asarray(jax.image.resize(images, (n, height * factor, width * factor, channels), "bilinear"))
 
 
 def local_batch_indices(step: int, num_local: int, local_batch: int, seed: int, process_index: int) -> np.ndarray:
@@ -175,7 +184,7 @@ def forward_with_masks(model: ResNet, images: jax.Array) -> tuple[jax.Array, dic
 
 def keep_prob_schedule(config: Config) -> optax.Schedule:
     """The paper's schedule: keep_prob falls linearly from 1 to ``config.keep_prob``, reached at the last step."""
-    return functools.partial(pod.linear_keep_prob, total_steps=config.steps, target=config.keep_prob)
+    return linear_keep_prob_schedule(config.keep_prob, config.steps)
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:

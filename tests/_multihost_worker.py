@@ -1,7 +1,8 @@
 """Checks for ``tests/test_multihost.py``, run in each of 2 processes x 2 CPU devices.
 
 Run as ``python tests/_multihost_worker.py PORT PROCESS_ID`` in two processes (ids 0 and 1)
-with ``XLA_FLAGS=--xla_force_host_platform_device_count=2``: they meet through
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` and ``examples/`` on
+``PYTHONPATH`` (for ``examples/train.py`` and its ``imagenet.pod``): they meet through
 ``jax.distributed`` on ``localhost:PORT`` and exchange collectives through gloo. Every
 process computes the one-process reference itself, on one of its own devices, from the
 same global arrays, and compares the shards it holds. Every check runs even when
@@ -11,41 +12,26 @@ another fails; the results are printed as one JSON object on the last line of st
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 import time
 import traceback
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import train as example
+from flax import linen as nn
+from imagenet import pod
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import dropblock_jax.equinox as dbx
+from dropblock_jax import DropBlock, block_mask, drop_block
 
 PROCESSES = 2
 DEVICES_PER_PROCESS = 2
-
-
-def _initialize() -> None:
-    port, process_id = sys.argv[1], int(sys.argv[2])
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"localhost:{port}", num_processes=PROCESSES, process_id=process_id)
-
-
-# jax.distributed must be initialized before anything touches a device.
-if __name__ == "__main__":
-    _initialize()
-
-import equinox as eqx  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import linen as nn  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import dropblock_jax.equinox as dbx  # noqa: E402
-from dropblock_jax import DropBlock, block_mask, drop_block  # noqa: E402
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-import pod  # noqa: E402
-import train as example  # noqa: E402
 
 AXIS = "data"
 BLOCK = 3
@@ -326,6 +312,12 @@ CHECKS = [
 ]
 
 
+def _initialize() -> None:
+    port, process_id = sys.argv[1], int(sys.argv[2])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=PROCESSES, process_id=process_id)
+
+
 def main() -> None:
     results = {
         "startup_cpu_seconds": time.process_time(),
@@ -346,4 +338,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Before anything touches a device (importing the modules above touches none).
+    _initialize()
     main()

@@ -660,15 +660,27 @@ def running(command, log, env, cwd):
         child.wait()
 
 
+def python_path_environment(**extra):
+    """``os.environ`` with ``extra``, for a Python process a test starts that imports what the tests import.
+
+    Its ``PYTHONPATH`` leads with tests/ (``helpers``) and the folders of pyproject.toml's
+    pytest ``pythonpath`` (the examples' modules), as the test process has them.
+    """
+    folders = [ROOT / "tests", *(ROOT / folder for folder in PYPROJECT["tool"]["pytest"]["ini_options"]["pythonpath"])]
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join([*map(str, folders), *inherited])}
+
+
 def imagenet_trainer():
-    """``examples/imagenet/train.py`` as the module ``imagenet_train`` (``train`` is ``examples/train.py``)."""
+    """``examples/imagenet/train.py`` as the module ``imagenet_train`` (``train`` is ``examples/train.py``).
+
+    Its neighbours (``pod``, ``input_pipeline``) are found on the path pyproject.toml's
+    pytest ``pythonpath`` sets (or :func:`python_path_environment`'s, in a started process).
+    """
     import importlib.util
 
     if "imagenet_train" in sys.modules:
         return sys.modules["imagenet_train"]
-    for folder in (IMAGENET_EXAMPLE, ROOT / "examples"):
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location("imagenet_train", IMAGENET_EXAMPLE / "train.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["imagenet_train"] = module

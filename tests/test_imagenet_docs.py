@@ -16,14 +16,13 @@ import subprocess
 import sys
 
 import pytest
+import train as small_example
+from configs import baseline
 
 from helpers import ROOT
 
 # examples/imagenet's own requirements, not the package's minimums: make test-min leaves it out.
 pytestmark = pytest.mark.launches
-
-sys.path.insert(0, str(ROOT / "examples"))
-import train as small_example  # noqa: E402
 
 DOCUMENTS = [ROOT / "docs" / "imagenet.md", ROOT / "docs" / "pods.md", ROOT / "README.md"]
 SHELL_BLOCK = re.compile(r"```(?:bash|sh)\n(.*?)```", flags=re.DOTALL)
@@ -99,9 +98,6 @@ def test_prepare_takes_the_documented_options():
 
 
 def test_every_config_field_the_documents_name_is_a_field_of_the_configs():
-    sys.path.insert(0, str(ROOT / "examples" / "imagenet"))
-    from configs import baseline
-
     fields = set(baseline.get_config())
     named = {name for document in DOCUMENTS for name in re.findall(r"--config\.([a-z_]+)", document.read_text())}
     assert named and named <= fields, named - fields

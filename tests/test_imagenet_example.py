@@ -21,7 +21,9 @@ import pathlib
 import signal
 import sys
 
+import input_pipeline
 import numpy as np
+import prepare
 import pytest
 
 from helpers import (
@@ -44,9 +46,6 @@ from helpers import (
 EXAMPLE = IMAGENET_EXAMPLE
 # examples/imagenet's own requirements, not the package's minimums: make test-min leaves it out.
 pytestmark = pytest.mark.launches
-sys.path[:0] = [str(EXAMPLE), str(ROOT / "examples")]
-import input_pipeline  # noqa: E402
-import prepare  # noqa: E402
 
 trainer = imagenet_trainer()
 

@@ -23,7 +23,6 @@
 """
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -36,12 +35,12 @@ import pytest
 
 from helpers import (
     IMAGENET_EXAMPLE,
-    ROOT,
     compilation_cache,
     free_port,
     imagenet_trainer,
     launch_environment,
     prepared_imagenet,
+    python_path_environment,
     running,
 )
 
@@ -260,7 +259,6 @@ WORKERS_AFTER_SIGTERM = textwrap.dedent(
     """
     import os, signal, sys
     from absl import flags
-    sys.path.insert(0, {tests!r})
     from helpers import imagenet_trainer
     flags.FLAGS(sys.argv[:1])  # Grain reads absl flags
     train = imagenet_trainer()
@@ -280,8 +278,8 @@ WORKERS_AFTER_SIGTERM = textwrap.dedent(
 
 
 def test_data_workers_keep_delivering_after_a_sigterm_to_every_process(data, tmp_path):
-    script = WORKERS_AFTER_SIGTERM.format(tests=str(ROOT / "tests"), data=str(data))
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    script = WORKERS_AFTER_SIGTERM.format(data=str(data))
+    env = python_path_environment(JAX_PLATFORMS="cpu")
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, start_new_session=True
     )

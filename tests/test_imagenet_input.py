@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 
+import input_pipeline
 import numpy as np
 import pytest
 
@@ -22,9 +23,6 @@ import helpers
 # examples/imagenet's own requirements, not the package's minimums: make test-min leaves it out.
 pytestmark = pytest.mark.launches
 
-EXAMPLE = helpers.IMAGENET_EXAMPLE
-sys.path[:0] = [str(EXAMPLE), str(EXAMPLE.parent)]
-import input_pipeline  # noqa: E402
 
 F32 = np.float32
 
@@ -349,8 +347,7 @@ def test_worker_processes_give_the_same_batches(prepared):
     # Grain's worker processes need absl's flags parsed; they run in a child process of their own.
     script = textwrap.dedent(
         f"""
-        import json, sys
-        sys.path[:0] = [{str(EXAMPLE)!r}, {str(EXAMPLE.parent)!r}]
+        import json
         from absl import flags
         flags.FLAGS(["workers"])
         import input_pipeline
@@ -372,7 +369,13 @@ def test_worker_processes_give_the_same_batches(prepared):
         print(json.dumps(out))
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=helpers.python_path_environment(),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.splitlines()[-1])
     assert out["2"] == out["0"]

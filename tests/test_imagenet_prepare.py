@@ -11,11 +11,11 @@ from the files made, and read back without the example's code.
 
 import io
 import json
-import sys
 import tarfile
 
 import grain
 import numpy as np
+import prepare
 import pytest
 
 import helpers
@@ -23,9 +23,6 @@ import helpers
 # examples/imagenet's own requirements, not the package's minimums: make test-min leaves it out.
 pytestmark = pytest.mark.launches
 
-EXAMPLE = helpers.IMAGENET_EXAMPLE
-sys.path[:0] = [str(EXAMPLE), str(EXAMPLE.parent)]
-import prepare  # noqa: E402
 
 # Made in this order, which is not their sorted order; their ILSVRC2012_IDs are in neither.
 WNIDS = ["n00000300", "n00000100", "n00000400", "n00000200"]

@@ -17,7 +17,9 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pod
 import pytest
+from configs import baseline, cpu, dropblock, dropblock_ls
 
 from helpers import imagenet_trainer, learning_rate_by_the_authors_rule
 
@@ -25,8 +27,6 @@ from helpers import imagenet_trainer, learning_rate_by_the_authors_rule
 pytestmark = pytest.mark.launches
 
 trainer = imagenet_trainer()
-import pod  # noqa: E402
-from configs import baseline, cpu, dropblock, dropblock_ls  # noqa: E402
 
 IMAGENET_TRAIN_RECORDS = 1_281_167
 NUM_CLASSES = 7

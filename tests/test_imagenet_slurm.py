@@ -20,15 +20,13 @@ import socket
 import sys
 import textwrap
 
+import pod
 import pytest
 
 from helpers import IMAGENET_EXAMPLE, compilation_cache, launch_environment, prepared_imagenet, running
 
 # examples/imagenet's own requirements, not the package's minimums: make test-min leaves it out.
 pytestmark = pytest.mark.launches
-
-sys.path.insert(0, str(IMAGENET_EXAMPLE.parent))
-import pod  # noqa: E402
 
 EIGHT_GPUS = {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "SLURM_GPUS_ON_NODE": "8"}
 

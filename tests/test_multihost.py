@@ -18,6 +18,8 @@ import tempfile
 
 import pytest
 
+from helpers import python_path_environment
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_multihost_worker.py"
 TRAIN = ROOT / "examples" / "train.py"
@@ -36,8 +38,8 @@ def _free_port() -> int:
 
 
 def _environment(devices_per_process: int) -> dict:
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
+    # The worker imports examples/train.py and its imagenet.pod, as the tests do.
+    env = python_path_environment(JAX_PLATFORMS="cpu")
     # The conftest's --xla_backend_optimization_level=0 (in os.environ) is kept.
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_per_process}"
     return env

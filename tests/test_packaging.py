@@ -92,6 +92,8 @@ def test_the_sdist_holds_the_sources(dist):
     for name in ["pyproject.toml", "README.md", "LICENSE", f"{PACKAGE}/__init__.py", f"{PACKAGE}/py.typed"]:
         assert name in names
     assert {"examples/train.py", "examples/requirements.txt"} <= names
+    # examples/train.py imports the ImageNet example's pod package.
+    assert {"examples/imagenet/__init__.py", "examples/imagenet/pod/__init__.py"} <= names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
 

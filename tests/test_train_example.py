@@ -7,20 +7,15 @@ restarted process would compile the same program again.
 """
 
 import os
-import pathlib
 import signal
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train as example
 from flax import nnx
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import pod  # noqa: E402
-import train as example  # noqa: E402
+from imagenet import pod
 
 # Steps 0..5 of a schedule 1 -> 0.7; stopped after step 3 (as if preempted), checkpoints every 2 steps.
 # Runs examples/train.py: newest versions only (make test-min leaves it out).
@@ -101,9 +96,11 @@ def test_the_keep_prob_schedule_reaches_its_target_at_the_last_step(runs):
 
 
 def test_a_one_step_run_uses_the_target():
-    assert float(pod.linear_keep_prob(0, 1, 0.8)) == np.float32(0.8)
+    one_step = example.keep_prob_schedule(example.Config(steps=1, keep_prob=0.8))
+    assert float(one_step(0)) == np.float32(0.8)
     # Past the last step the schedule holds the target.
-    assert float(pod.linear_keep_prob(9, 6, 0.8)) == np.float32(0.8)
+    six_steps = example.keep_prob_schedule(example.Config(steps=6, keep_prob=0.8))
+    assert float(six_steps(9)) == np.float32(0.8)
 
 
 def test_resumed_run_draws_the_unbroken_runs_masks(runs):

@@ -35,15 +35,12 @@ import json
 import math
 import os
 import pathlib
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import cv2
 import grain
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import pod
 
 SPLITS = ("train", "val")

@@ -6,8 +6,8 @@ weights, optional label smoothing, bfloat16 compute, and DropBlock's keep_prob g
 linearly from 1 to its target at the last step (a traced value: one compile). Data
 comes from ``prepare.py``'s ArrayRecord shards through Grain (``input_pipeline.py``);
 every process reads its own slice, and the slices form one global batch on the
-``"data"`` mesh (``examples/pod.py``, shared with ``examples/train.py``, as are the
-checkpoints, preemption and the processes).
+``"data"`` mesh (``pod/``, this folder's package, as are the checkpoints, preemption and
+the processes; ``examples/train.py`` runs on it too).
 
 Batch norm statistics are those of groups of ``batch_norm_group_size`` samples (the
 authors' per-core statistics on a TPU), or of the global batch.
@@ -60,28 +60,23 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-HERE = pathlib.Path(__file__).resolve().parent
-# This folder (input_pipeline, configs) and examples/ (pod).
-for folder in (HERE, HERE.parent):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+import grain
+import input_pipeline
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pod
+from absl import app, flags
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
 
-import grain  # noqa: E402
-import input_pipeline  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-import pod  # noqa: E402
-from absl import app, flags  # noqa: E402
-from etils import epath  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dropblock_jax.models import DEPTHS, REGULARIZED_SHORTCUTS, resnet  # noqa: E402
+from dropblock_jax import linear_keep_prob_schedule
+from dropblock_jax.models import DEPTHS, REGULARIZED_SHORTCUTS, resnet
 
 REGULARIZERS = ("none", "dropblock")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -227,7 +222,7 @@ def keep_prob_schedule(config: ml_collections.ConfigDict, steps: int) -> Callabl
         return None
     if config.keep_prob_schedule == "constant":
         return lambda step: jnp.float32(config.keep_prob)
-    return lambda step: pod.linear_keep_prob(step, steps, config.keep_prob)
+    return linear_keep_prob_schedule(config.keep_prob, steps)
 
 
 # ----------------------------------------------------------------------------------------
