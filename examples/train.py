@@ -420,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
     )
     train(config, args.checkpoint_dir, args.checkpoint_every, args.log_every, args.stop_after)
+    pod.shutdown()
     return 0
 
 

@@ -838,6 +838,7 @@ def main(argv: Sequence[str]) -> int:
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from error
     train_and_evaluate(config, flags.FLAGS.workdir)
+    pod.shutdown()
     return 0
 
 

@@ -16,7 +16,7 @@ digits) as ``imagenet.pod`` (``examples/`` is its first entry). One module a top
   gloo on CPU; under SLURM every GPU of a node for a task alone on it,
   :func:`slurm_local_device_ids`), on one machine :func:`simulate_hosts` (several local
   processes, SIGTERM forwarded to them), and :func:`check_hosts_agree` (a clear stop
-  when the hosts' inputs differ).
+  when the hosts' inputs differ); :func:`shutdown` leaves them together at the end.
 
 The DropBlock schedule is the library's: :func:`dropblock_jax.linear_keep_prob_schedule`.
 """
@@ -27,6 +27,7 @@ from .processes import (
     check_hosts_agree,
     free_port,
     initialize,
+    shutdown,
     simulate_hosts,
     slurm_local_device_ids,
     without_option,
@@ -46,6 +47,7 @@ __all__ = [
     "initialize",
     "replicate",
     "restore_or_keep",
+    "shutdown",
     "sigterm_ignored_by_new_processes",
     "simulate_hosts",
     "slurm_local_device_ids",

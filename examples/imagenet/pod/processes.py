@@ -4,7 +4,7 @@
 of a node for a task alone on it, :func:`slurm_local_device_ids`); on one machine
 :func:`simulate_hosts` starts several local processes (SIGTERM forwarded to them);
 :func:`check_hosts_agree` stops every process with a clear message when the hosts'
-inputs differ.
+inputs differ; :func:`shutdown` leaves them together at the end.
 """
 
 from __future__ import annotations
@@ -38,6 +38,19 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     elif distributed:
         jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
+
+
+def shutdown() -> None:
+    """Leaves the other processes together, at the end of a run that reached it on every process.
+
+    ``jax.distributed.shutdown()`` waits at a barrier for every process, then process 0
+    stops the coordination service. Left to JAX's exit handler, process 0 can stop the
+    service while a peer is still tearing down its threads (a bucket client's, Grain's):
+    the peer's next heartbeat then fails and aborts it, so that a complete run exits with
+    an error and a scheduler restarts it. Called while every process is still running,
+    the barrier comes first. A no-op for one process.
+    """
+    jax.distributed.shutdown()
 
 
 _TASKS_PER_NODE = re.compile(r"(\d+)(?:\(x(\d+)\))?")
