@@ -22,14 +22,16 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from dropblock_jax._checks import (
-    DEFAULT_SPATIAL_RANK,
     GAMMA_MODES,
+    INT_BLOCK_RANK,
     NORMALIZE_MODES,
     SEED_REGIONS,
     check_axis_name,
     check_choice,
+    check_floating,
     check_layout_arguments,
     checked_probability,
+    default_spatial_axes,
     is_int,
     parse_block_size,
 )
@@ -122,10 +124,14 @@ def check_layer_arguments(
     named = _axis_ints(broadcast_dims) + ([] if spatial_axes is None else _axis_ints(spatial_axes))
     after = [a for a in named if a >= 0]
     before = [-a for a in named if a < 0]
-    if spatial_axes is None:
-        # The default spatial axes reach back to the one before the channel axis.
-        before.append((len(block_size) if isinstance(block_size, (tuple, list)) else DEFAULT_SPATIAL_RANK) + 1)
-    rank = max(after, default=-1) + 1 + max(before, default=0)
+    if spatial_axes is None and is_int(block_size):
+        # An int with the default axes fits a rank-4 input only.
+        rank = INT_BLOCK_RANK
+    else:
+        if spatial_axes is None:
+            # The default spatial axes reach back to the one before the channel axis.
+            before.append(len(block_size) + 1 if isinstance(block_size, (tuple, list)) else 1)
+        rank = max(after, default=-1) + 1 + max(before, default=0)
     if rank <= _LAYER_CHECK_MAX_RANK:
         check_layout_arguments((1,) * rank, block_size, spatial_axes, broadcast_dims)
     else:
@@ -135,6 +141,20 @@ def check_layer_arguments(
     check_axis_name(axis_name)
     if key is not None and len(_PASSED_LAYER_ARGUMENTS) < _PASSED_LAYER_ARGUMENTS_MAX:
         _PASSED_LAYER_ARGUMENTS.add(key)
+
+
+def check_layer_input(inputs: Any, block_size: int | Sequence[int], spatial_axes: object) -> None:
+    """What a Flax layer checks of its input at every call, deterministic or not.
+
+    The input must be floating, and with the default ``spatial_axes`` its axis 0 is the
+    batch: an int ``block_size`` needs a rank-4 ``(N, H, W, C)`` input and a tuple one
+    more axis than ``drop_block`` needs, so that no block spans samples (see
+    :func:`dropblock_jax._checks.default_spatial_axes`). Checked in evaluation too, so
+    that a model that evaluates also trains.
+    """
+    x = check_floating(inputs)
+    if spatial_axes is None:
+        default_spatial_axes(tuple(x.shape), block_size, batched=True)
 
 
 #: Keyword names other libraries give the probability of dropping a unit (flax and

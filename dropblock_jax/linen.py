@@ -11,7 +11,12 @@ from flax import linen as nn
 from jax.typing import ArrayLike
 
 from dropblock_jax._functional import drop_block
-from dropblock_jax._layer_options import check_layer_arguments, layer_options, rejects_ported_arguments
+from dropblock_jax._layer_options import (
+    check_layer_arguments,
+    check_layer_input,
+    layer_options,
+    rejects_ported_arguments,
+)
 
 __all__ = ["DropBlock"]
 
@@ -93,6 +98,7 @@ class DropBlock(nn.Module, kw_only=True):
         Returns:
           ``inputs`` with blocks dropped, or ``inputs`` itself when deterministic.
         """
+        check_layer_input(inputs, self.block_size, self.spatial_axes)
         if nn.merge_param("deterministic", self.deterministic, deterministic):
             return inputs
         if rng is None:

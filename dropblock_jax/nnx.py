@@ -11,7 +11,12 @@ from jax.typing import ArrayLike
 
 from dropblock_jax._checks import axes_tuple, check_key, checked_probability, static_block_size
 from dropblock_jax._functional import drop_block
-from dropblock_jax._layer_options import check_layer_arguments, layer_options, rejects_ported_arguments
+from dropblock_jax._layer_options import (
+    check_layer_arguments,
+    check_layer_input,
+    layer_options,
+    rejects_ported_arguments,
+)
 
 __all__ = ["DropBlock", "set_keep_prob"]
 
@@ -122,6 +127,7 @@ class DropBlock(nnx.Module):
         Returns:
           ``inputs`` with blocks dropped, or ``inputs`` itself when deterministic.
         """
+        check_layer_input(inputs, self.block_size, self.spatial_axes)
         if self.deterministic if deterministic is None else deterministic:
             return inputs
         key = self._key(rngs)
