@@ -182,9 +182,7 @@ def parse_block_size(block_size: object, rank: int | None = None) -> tuple[int, 
             if any(isinstance(b, (core.Tracer, jax.Array)) for b in entries)
             else ""
         )
-        raise TypeError(
-            f"block_size must be a static Python int or a non-empty tuple of them, got {block_size!r}{hint}."
-        )
+        raise TypeError(f"block_size must be an int or a non-empty tuple of ints, got {block_size!r}{hint}.")
     if min(sizes) < 1:
         raise ValueError(f"block_size entries must be >= 1, got {block_size!r}.")
     return sizes

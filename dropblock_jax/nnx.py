@@ -96,7 +96,7 @@ class DropBlock(nnx.Module):
         self.deterministic = deterministic
         self.rng_collection = rng_collection
         if isinstance(rngs, nnx.Rngs):
-            self.rngs = rngs[rng_collection].fork()
+            self.rngs = _stream(rngs, rng_collection).fork()
         elif isinstance(rngs, nnx.RngStream):
             self.rngs = rngs.fork()
         elif rngs is None:
@@ -145,7 +145,7 @@ class DropBlock(nnx.Module):
             )
         rngs = self.rngs if rngs is None else rngs
         if isinstance(rngs, nnx.Rngs):
-            return rngs[self.rng_collection]()
+            return _stream(rngs, self.rng_collection)()
         if isinstance(rngs, nnx.RngStream):
             return rngs()
         try:
@@ -155,6 +155,22 @@ class DropBlock(nnx.Module):
                 "rngs must be an nnx.Rngs, an nnx.RngStream or a PRNG key (jax.random.key of any impl, "
                 f"or a legacy jax.random.PRNGKey, also as a NumPy array), got {rngs!r} ({type(rngs).__name__})."
             ) from None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Writes ``layer.keep_prob = v`` into the stored variable, as :func:`set_keep_prob` does.
+
+        An ``nnx.jit`` function that takes the layer then sees new data, not a new
+        structure, and does not retrace; a value outside [0, 1] is refused here. Any other
+        attribute, and an ``nnx.Variable`` put in place of the stored one, is set as usual.
+        """
+        if (
+            name == "keep_prob"
+            and isinstance(vars(self).get(name), nnx.Variable)
+            and not isinstance(value, nnx.Variable)
+        ):
+            _store_keep_prob(self, checked_probability("keep_prob", value))  # type: ignore[arg-type]
+            return
+        super().__setattr__(name, value)
 
     def set_view(self, deterministic: bool | None = None) -> None:
         """Used by ``nnx.view``: ``deterministic=True`` disables DropBlock."""
@@ -201,10 +217,27 @@ def set_keep_prob(module_tree: object, value: ArrayLike) -> int:
             "given; pass the model that holds the layers (an nnx.Optimizer does not hold the model)."
         )
     for layer in layers:
-        stored = layer.keep_prob[...]
-        # An array like the stored one (its dtype, shape and sharding, the sharding type when
-        # traced), so that no single-device array meets a mesh's, which an Explicit mesh
-        # refuses outside jax.set_mesh; written into the stored array, so that under jit an
-        # Auto mesh keeps its layout too and the next call compiles nothing new.
-        layer.keep_prob[...] = stored.at[...].set(jax.lax.full_like(stored, value))
+        _store_keep_prob(layer, value)
     return len(layers)
+
+
+def _store_keep_prob(layer: DropBlock, value: jax.Array) -> None:
+    """Writes a checked ``value`` into ``layer``'s keep_prob variable."""
+    stored = layer.keep_prob[...]
+    # An array like the stored one (its dtype, shape and sharding, the sharding type when
+    # traced), so that no single-device array meets a mesh's, which an Explicit mesh
+    # refuses outside jax.set_mesh; written into the stored array, so that under jit an
+    # Auto mesh keeps its layout too and the next call compiles nothing new.
+    layer.keep_prob[...] = stored.at[...].set(jax.lax.full_like(stored, value))
+
+
+def _stream(rngs: nnx.Rngs, name: str) -> nnx.RngStream:
+    """The stream ``name`` of ``rngs`` (Flax falls back to ``default``), or an error naming DropBlock's fix."""
+    try:
+        return rngs[name]
+    except KeyError:
+        raise ValueError(
+            f"DropBlock draws its masks from the {name!r} rng stream, but the nnx.Rngs it got has neither a "
+            f"{name!r} nor a 'default' stream; pass nnx.Rngs({name}=0) (or nnx.Rngs(params=0, {name}=1) for a "
+            "whole model), or choose another stream with DropBlock(..., rng_collection=...)."
+        ) from None
