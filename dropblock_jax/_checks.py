@@ -9,8 +9,10 @@ received and what is allowed. NumPy integers count as ints everywhere; bools nev
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeGuard, TypeVar, cast
 
 import jax
@@ -35,6 +37,58 @@ INT_BLOCK_RANK = 4
 FLOATING_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
 
 _Choice = TypeVar("_Choice", str, int)
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+#: Keyword names other libraries give the probability of dropping a unit (flax and
+#: keras-cv ``rate``, timm ``drop_prob``, torchvision ``p``, the seed code ``drop_rate``).
+PORTED_RATE_NAMES = ("rate", "drop_prob", "p", "drop_rate")
+
+
+def ported_argument_error(name: str, received: str, example: str | None = None) -> TypeError:
+    """The TypeError for a dropout-style argument ``received`` (e.g. ``"rate=0.1"``) given to ``name``.
+
+    Args:
+      name: the function or layer, as the user writes it.
+      received: what was given, e.g. ``"rate=0.1"``.
+      example: a call with ``keep_prob=0.9``; None for a layer, which takes keep_prob by
+        keyword only: ``name(keep_prob=0.9)``.
+
+    Examples:
+      >>> str(ported_argument_error("resnet", "drop_prob=0.1", "resnet(50, keep_prob=0.9)"))
+      'resnet got drop_prob=0.1, but it takes keep_prob, the probability of keeping a unit: a drop rate r is ...'
+    """
+    how = "" if example else " by keyword"
+    return TypeError(
+        f"{name} got {received}, but it takes keep_prob, the probability of keeping a unit{how}: "
+        f"a drop rate r is keep_prob = 1 - r (e.g. {example or f'{name}(keep_prob=0.9)'} for a rate of 0.1)."
+    )
+
+
+def rejects_rate_keywords(example: str) -> Callable[[_Function], _Function]:
+    """Makes a function answer a dropout-style rate keyword with :func:`ported_argument_error`.
+
+    A keyword of :data:`PORTED_RATE_NAMES` the function does not take gets the
+    ``keep_prob = 1 - rate`` conversion instead of Python's "unexpected keyword
+    argument". The signature is kept (``inspect.signature`` follows ``__wrapped__``).
+
+    Args:
+      example: a call of the function with ``keep_prob=0.9``, for the message.
+    """
+
+    def decorate(function: _Function) -> _Function:
+        accepts = inspect.signature(function).parameters
+        names = tuple(name for name in PORTED_RATE_NAMES if name not in accepts)
+
+        @functools.wraps(function)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            for name in names:
+                if name in kwargs:
+                    raise ported_argument_error(function.__name__, f"{name}={kwargs[name]!r}", example)
+            return function(*args, **kwargs)
+
+        return cast(_Function, checked)
+
+    return decorate
 
 
 def is_int(value: object) -> TypeGuard[int]:

@@ -25,6 +25,7 @@ from dropblock_jax._checks import (
     GAMMA_MODES,
     INT_BLOCK_RANK,
     NORMALIZE_MODES,
+    PORTED_RATE_NAMES,
     SEED_REGIONS,
     check_axis_name,
     check_choice,
@@ -34,6 +35,7 @@ from dropblock_jax._checks import (
     default_spatial_axes,
     is_int,
     parse_block_size,
+    ported_argument_error,
 )
 
 # The keyword options of drop_block that a layer holds as attributes of the same names.
@@ -157,19 +159,7 @@ def check_layer_input(inputs: Any, block_size: int | Sequence[int], spatial_axes
         default_spatial_axes(tuple(x.shape), block_size, batched=True)
 
 
-#: Keyword names other libraries give the probability of dropping a unit (flax and
-#: keras-cv ``rate``, timm ``drop_prob``, torchvision ``p``, the seed code ``drop_rate``).
-PORTED_RATE_NAMES = ("rate", "drop_prob", "p", "drop_rate")
-
 _Init = TypeVar("_Init", bound=Callable[..., None])
-
-
-def ported_argument_error(layer: str, received: str) -> TypeError:
-    """The TypeError for a dropout-style argument ``received`` (e.g. ``"rate=0.1"``) given to ``layer``."""
-    return TypeError(
-        f"{layer} got {received}, but it takes keep_prob, the probability of keeping a unit, by keyword: "
-        f"a drop rate r is keep_prob = 1 - r (e.g. {layer}(keep_prob=0.9) for a rate of 0.1)."
-    )
 
 
 def reject_ported_arguments(layer: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
