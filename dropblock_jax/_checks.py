@@ -462,7 +462,8 @@ def check_key(key: object) -> jax.Array:
     raise TypeError(
         "key must be a PRNG key from jax.random.key (any impl) or a legacy "
         f"jax.random.PRNGKey, got {type(key).__name__} with "
-        f"dtype={getattr(key, 'dtype', None)} and shape={getattr(key, 'shape', None)}."
+        f"dtype={getattr(key, 'dtype', None)} and shape={getattr(key, 'shape', None)}; a seed is not a key: "
+        "make one with jax.random.key(0) (and a new one per step with jax.random.split or jax.random.fold_in)."
     )
 
 
