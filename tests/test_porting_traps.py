@@ -28,8 +28,10 @@ X = jnp.ones((2, 12, 12, 3))
 
 def test_nnx_assigned_keep_prob_is_stored_as_set_keep_prob_stores_it():
     layer = db_nnx.DropBlock(keep_prob=0.9, block_size=3, rngs=nnx.Rngs(dropout=0))
+    stored = layer.keep_prob
     layer.keep_prob = 0.6  # as one sets nnx.Dropout.rate
-    assert isinstance(layer.keep_prob, nnx.Variable)
+    # Written into the variable, which keeps its place in every state taken of the model.
+    assert layer.keep_prob is stored
     assert layer.keep_prob[...].dtype == jnp.float32 and float(layer.keep_prob[...]) == np.float32(0.6)
     key = jax.random.key(1)
     np.testing.assert_array_equal(layer(X, rngs=key), db.drop_block(key, X, 0.6, 3))
