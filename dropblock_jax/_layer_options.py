@@ -11,7 +11,8 @@ torchvision's ``DropBlock2d(p=0.1)``, keras-cv's ``DropBlock2D(rate=0.1)``. Read
 ``keep_prob``, such a value would keep 10% of the units, so every layer here takes
 ``keep_prob`` by keyword only and answers these spellings with the conversion
 (:func:`reject_ported_arguments`) instead of Python's generic "takes 1 positional
-argument" or "unexpected keyword argument".
+argument" or "unexpected keyword argument". The message is
+``_checks.ported_argument_error``'s, as for the functions.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def check_layer_input(inputs: Any, block_size: int | Sequence[int], spatial_axes
     The input must be floating, and with the default ``spatial_axes`` its axis 0 is the
     batch: an int ``block_size`` needs a rank-4 ``(N, H, W, C)`` input and a tuple one
     more axis than ``drop_block`` needs, so that no block spans samples (see
-    :func:`dropblock_jax._checks.default_spatial_axes`). Checked in evaluation too, so
+    ``_checks.default_spatial_axes``). Checked in evaluation too, so
     that a model that evaluates also trains.
     """
     x = check_floating(inputs)

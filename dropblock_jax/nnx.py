@@ -29,8 +29,8 @@ class DropBlock(nnx.Module):
     construction (or from ``rngs`` given at the call: an ``nnx.Rngs``, an
     ``nnx.RngStream`` or a key). ``keep_prob`` is held as data (an ``nnx.Variable``, not
     an ``nnx.Param``), so :func:`set_keep_prob` changes it without retracing an
-    ``nnx.jit`` function and optimizers leave it alone. Training without rngs is a
-    ValueError that lists the fixes.
+    ``nnx.jit`` function and optimizers leave it alone; ``layer.keep_prob = v`` writes
+    ``v`` there too. Training without rngs is a ValueError that lists the fixes.
 
     What the four layers share (keyword-only ``keep_prob``, the checks when the layer is
     built, ``drop_block``'s result for the layer's key, a traced ``keep_prob``, keys per
@@ -38,9 +38,13 @@ class DropBlock(nnx.Module):
 
     Args:
       keep_prob: probability of keeping a unit.
-      block_size: int or tuple of ints, one per spatial axis.
+      block_size: int or tuple of ints, one per spatial axis. The input is
+        batched: with the default ``spatial_axes`` an int needs an ``(N, H, W, C)``
+        input (a square over H and W) and a tuple's axes must not reach axis 0;
+        ``(k,)`` for ``(N, T, C)``, ``(k, k, k)`` for ``(N, D, H, W, C)``.
       spatial_axes, broadcast_dims, seed_region, gamma, normalize, axis_name: as in
-        :func:`dropblock_jax.drop_block`.
+        :func:`dropblock_jax.drop_block`; channels-first ``(N, C, H, W)`` input needs
+        ``spatial_axes=(2, 3)``, which the layer cannot infer.
       deterministic: if True, the layer is the identity.
       rng_collection: the rng stream the keys come from.
       rngs: an ``nnx.Rngs`` or ``nnx.RngStream``; forked at construction.
