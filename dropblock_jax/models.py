@@ -491,8 +491,9 @@ def resnet(
       block_size: DropBlock's block size (the paper: 7), clipped to each feature map.
         On 224-pixel images the maps of groups 3 and 4 are 14x14 and 7x7: blocks in
         group 3, whole 7x7 maps in group 4, as in the paper. On smaller images the
-        block is clipped: at 64 pixels the maps are 4x4 and 2x2, so all 36 places
-        drop whole channels (SpatialDropout), a different regularizer. Scale the block
+        block is clipped: at 64 pixels the maps are 4x4 and 2x2, so 35 of the 36
+        places drop whole channels (SpatialDropout), a different regularizer (the
+        first place of group 3, before its strided convolution, sees 8x8). Scale the block
         with the image (``7 * 64 / 224``, i.e. 2, at 64 pixels) to keep blocks in group 3.
       base_width: channels of the stem and width of group 1 (the groups double it); 64
         is the authors' network, smaller values keep its structure at less cost.

@@ -5,6 +5,7 @@ to ``models.resnet``, a traced ``block_size``, a seed for a key, an ``nnx.Rngs``
 dropout stream, an integer input in evaluation, and what Keras writes in a saved config.
 """
 
+import collections
 import json
 import zipfile
 
@@ -19,6 +20,7 @@ import dropblock_jax as db
 from dropblock_jax import keras as db_keras
 from dropblock_jax import nnx as db_nnx
 from dropblock_jax.models import resnet
+from helpers import ROOT, is_union_of_blocks
 
 X = jnp.ones((2, 12, 12, 3))
 
@@ -229,3 +231,53 @@ def test_an_integer_input_fails_in_evaluation_too():
     for evaluate in [lambda: linen.apply({}, images, deterministic=True), lambda: layer(images)]:
         with pytest.raises(TypeError, match=r"x must be a floating array .*got dtype int32"):
             evaluate()
+
+
+# ---- what the docs say about layout and clipping is what the code does ----
+
+
+def _regularized_map_sizes(image_size):
+    """How many of resnet(50)'s places see each (H, W), for square images of ``image_size``, traced only."""
+    model = resnet(50, 10, base_width=8, rngs=nnx.Rngs(params=0, dropout=1))
+    sizes = collections.Counter()
+
+    def record(y, place, stages_from_last):
+        sizes[y.shape[1:3]] += 1
+        return y
+
+    graphdef, state = nnx.split(model)
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x, perturb=record), state, images)
+    return sizes
+
+
+def test_the_recipe_and_resnet_say_that_block_7_drops_whole_maps_at_64_pixels():
+    # Groups 3 and 4 (6 and 3 blocks, 4 places a block) see the image divided by 16 and 32,
+    # but the first place of each group, before the strided 3x3 convolution, the size before.
+    for size in (64, 224):
+        assert _regularized_map_sizes(size) == {
+            (size // 8,) * 2: 1,
+            (size // 16,) * 2: 6 * 4 - 1 + 1,
+            (size // 32,) * 2: 3 * 4 - 1,
+        }
+    whole = sum(count for (h, w), count in _regularized_map_sizes(64).items() if h <= 7 and w <= 7)
+    assert whole == 35
+    recipe = (ROOT / "docs" / "recipe.md").read_text()
+    for text in (recipe, resnet.__doc__):
+        flat = " ".join(text.split())
+        assert "4x4 and 2x2" in flat and "35 of the 36" in flat and "SpatialDropout" in flat, flat
+
+
+def test_channels_first_input_to_a_flax_layer_needs_its_axes_as_the_docs_say():
+    nchw = jnp.ones((2, 6, 12, 12))
+    key = jax.random.key(0)
+    layer = db.DropBlock(keep_prob=0.6, block_size=3)
+    # The defaults read (N, C, H, W) as (N, H, W, C): blocks over C and H.
+    read_as_nhwc = np.asarray(layer.apply({}, nchw, deterministic=False, rng=key)) == 0
+    assert any(not is_union_of_blocks(m, (3, 3), "valid") for m in read_as_nhwc.reshape(-1, 12, 12))
+    named = db.DropBlock(keep_prob=0.6, block_size=3, spatial_axes=(2, 3))
+    dropped = np.asarray(named.apply({}, nchw, deterministic=False, rng=key)) == 0
+    assert dropped.any() and all(is_union_of_blocks(m, (3, 3), "valid") for m in dropped.reshape(-1, 12, 12))
+    layers_page = " ".join((ROOT / "docs" / "layers.md").read_text().split())
+    assert "Channels-first input to a Flax layer needs `spatial_axes`" in layers_page
+    assert "`spatial_axes=(2, 3)`" in layers_page
