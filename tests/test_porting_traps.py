@@ -7,6 +7,9 @@ dropout stream, an integer input in evaluation, and what Keras writes in a saved
 
 import collections
 import json
+import os
+import subprocess
+import sys
 import zipfile
 
 import jax
@@ -281,3 +284,23 @@ def test_channels_first_input_to_a_flax_layer_needs_its_axes_as_the_docs_say():
     layers_page = " ".join((ROOT / "docs" / "layers.md").read_text().split())
     assert "Channels-first input to a Flax layer needs `spatial_axes`" in layers_page
     assert "`spatial_axes=(2, 3)`" in layers_page
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+def test_a_keras_file_loads_in_a_new_process_after_the_import_the_layers_page_names(tmp_path):
+    path = tmp_path / "model.keras"
+    _keras_model(db_keras.DropBlock(keep_prob=0.85, block_size=3, name="dropblock"), compile=False).save(path)
+    load = f"import keras\nmodel = keras.saving.load_model({str(path)!r})\n"
+    show = "print(model.get_layer('dropblock').get_config()['keep_prob'])"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONWARNINGS": "ignore"}
+
+    def run(code):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+    without = run(load + show)
+    assert without.returncode != 0 and "DropBlock" in without.stderr, without.stderr
+    loaded = run("import dropblock_jax.keras\n" + load + show)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "0.85"
+    layers_page = " ".join((ROOT / "docs" / "layers.md").read_text().split())
+    assert "in a new process, `import dropblock_jax.keras` before `keras.saving.load_model(...)`" in layers_page
