@@ -478,7 +478,7 @@ class KeepProbScheduler(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         """Sets keep_prob to ``schedule(step)`` before the step runs."""
         step = self._epoch_start + batch
-        self._keep_prob = float(checked_probability(f"schedule({step})", self.schedule(step)))
+        self._keep_prob = _python_keep_prob(f"schedule({step})", self.schedule(step))
         set_keep_prob(self.model, self._keep_prob)
         if self.verbose > 0:
             print(f"\nStep {step}: KeepProbScheduler setting keep_prob to {self._keep_prob}.")

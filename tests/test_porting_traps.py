@@ -304,3 +304,11 @@ def test_a_keras_file_loads_in_a_new_process_after_the_import_the_layers_page_na
     assert loaded.stdout.strip() == "0.85"
     layers_page = " ".join((ROOT / "docs" / "layers.md").read_text().split())
     assert "in a new process, `import dropblock_jax.keras` before `keras.saving.load_model(...)`" in layers_page
+
+
+def test_keras_config_after_a_scheduled_fit_holds_the_schedules_number():
+    layer = db_keras.DropBlock(keep_prob=0.9, block_size=3)
+    model = _keras_model(layer)
+    scheduler = db_keras.KeepProbScheduler(lambda step: 0.95)
+    model.fit(np.ones((4, 8, 8, 2)), np.ones((4, 1)), batch_size=4, verbose=0, callbacks=[scheduler])
+    assert repr(layer.get_config()["keep_prob"]) == "0.95"
