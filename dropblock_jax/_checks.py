@@ -229,7 +229,6 @@ def parse_block_size(block_size: object, rank: int | None = None) -> tuple[int, 
             raise ValueError(f"block_size must have one entry per spatial axis ({rank}), got {block_size!r}.")
     else:
         entries = block_size if isinstance(block_size, (tuple, list)) else (block_size,)
-        # A block size shapes the mask, so it must be known when the function is traced.
         hint = (
             ": it shapes the mask, so it must be a static Python int; under jax.jit mark it static "
             "(jax.jit(f, static_argnames='block_size') or static_argnums)"
