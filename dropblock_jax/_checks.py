@@ -9,8 +9,10 @@ received and what is allowed. NumPy integers count as ints everywhere; bools nev
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeGuard, TypeVar, cast
 
 import jax
@@ -23,8 +25,10 @@ SEED_REGIONS = ("valid", "everywhere")
 GAMMA_MODES = ("paper", "calibrated")
 NORMALIZE_MODES = ("batch", "expected", "none")
 
-# An int block_size means a square block over this many spatial axes.
+# With the default spatial_axes, an int block_size means a square over the H and W axes
+# of an (N, H, W, C) input: this many spatial axes, in an input of this rank only.
 DEFAULT_SPATIAL_RANK = 2
+INT_BLOCK_RANK = 4
 
 # The dtypes x may have. The 8-, 6- and 4-bit floats are not among them: they are storage
 # formats for matrix-multiply operands with their scales kept elsewhere, JAX promotes
@@ -33,6 +37,58 @@ DEFAULT_SPATIAL_RANK = 2
 FLOATING_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
 
 _Choice = TypeVar("_Choice", str, int)
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+#: Keyword names other libraries give the probability of dropping a unit (flax and
+#: keras-cv ``rate``, timm ``drop_prob``, torchvision ``p``, the seed code ``drop_rate``).
+PORTED_RATE_NAMES = ("rate", "drop_prob", "p", "drop_rate")
+
+
+def ported_argument_error(name: str, received: str, example: str | None = None) -> TypeError:
+    """The TypeError for a dropout-style argument ``received`` (e.g. ``"rate=0.1"``) given to ``name``.
+
+    Args:
+      name: the function or layer, as the user writes it.
+      received: what was given, e.g. ``"rate=0.1"``.
+      example: a call with ``keep_prob=0.9``; None for a layer, which takes keep_prob by
+        keyword only: ``name(keep_prob=0.9)``.
+
+    Examples:
+      >>> str(ported_argument_error("resnet", "drop_prob=0.1", "resnet(50, keep_prob=0.9)"))
+      'resnet got drop_prob=0.1, but it takes keep_prob, the probability of keeping a unit: a drop rate r is ...'
+    """
+    how = "" if example else " by keyword"
+    return TypeError(
+        f"{name} got {received}, but it takes keep_prob, the probability of keeping a unit{how}: "
+        f"a drop rate r is keep_prob = 1 - r (e.g. {example or f'{name}(keep_prob=0.9)'} for a rate of 0.1)."
+    )
+
+
+def rejects_rate_keywords(example: str) -> Callable[[_Function], _Function]:
+    """Makes a function answer a dropout-style rate keyword with :func:`ported_argument_error`.
+
+    A keyword of :data:`PORTED_RATE_NAMES` the function does not take gets the
+    ``keep_prob = 1 - rate`` conversion instead of Python's "unexpected keyword
+    argument". The signature is kept (``inspect.signature`` follows ``__wrapped__``).
+
+    Args:
+      example: a call of the function with ``keep_prob=0.9``, for the message.
+    """
+
+    def decorate(function: _Function) -> _Function:
+        accepts = inspect.signature(function).parameters
+        names = tuple(name for name in PORTED_RATE_NAMES if name not in accepts)
+
+        @functools.wraps(function)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            for name in names:
+                if name in kwargs:
+                    raise ported_argument_error(function.__name__, f"{name}={kwargs[name]!r}", example)
+            return function(*args, **kwargs)
+
+        return cast(_Function, checked)
+
+    return decorate
 
 
 def is_int(value: object) -> TypeGuard[int]:
@@ -172,7 +228,14 @@ def parse_block_size(block_size: object, rank: int | None = None) -> tuple[int, 
         if rank is not None and len(sizes) != rank:
             raise ValueError(f"block_size must have one entry per spatial axis ({rank}), got {block_size!r}.")
     else:
-        raise TypeError(f"block_size must be an int or a non-empty tuple of ints, got {block_size!r}.")
+        entries = block_size if isinstance(block_size, (tuple, list)) else (block_size,)
+        hint = (
+            ": it shapes the mask, so it must be a static Python int; under jax.jit mark it static "
+            "(jax.jit(f, static_argnames='block_size') or static_argnums)"
+            if any(isinstance(b, (core.Tracer, jax.Array)) for b in entries)
+            else ""
+        )
+        raise TypeError(f"block_size must be an int or a non-empty tuple of ints, got {block_size!r}{hint}.")
     if min(sizes) < 1:
         raise ValueError(f"block_size entries must be >= 1, got {block_size!r}.")
     return sizes
@@ -221,13 +284,81 @@ def _normalize_axes(name: str, axes: object, ndim: int) -> tuple[int, ...]:
     return normalized
 
 
+def _block_tuples(size: int, batched: bool) -> str:
+    """The tuples an int block size ``size`` stands for, one per layout, for messages."""
+    image = "(N, H, W, C) images" if batched else "(N, H, W, C) images or one (H, W, C) image"
+    return (
+        f"block_size=({size},) for (N, T, C) sequences, ({size}, {size}) for {image}, "
+        f"({size}, {size}, {size}) for (N, D, H, W, C) volumes"
+    )
+
+
+def default_spatial_axes(shape: tuple[int, ...], block_size: object, *, batched: bool = False) -> tuple[int, ...]:
+    """The spatial axes ``spatial_axes=None`` means for an array of ``shape``: the rule for an int ``block_size``.
+
+    A tuple ``block_size`` extends over the ``len(block_size)`` axes just before the last
+    (channels-last, any number of leading axes, also none). An int extends over H and W
+    of a rank-4 ``(N, H, W, C)`` array only: on any other rank it is ambiguous (``(N, T,
+    C)`` sequences or one ``(H, W, C)`` image? ``(N, D, H, W, C)`` frames or a volume?),
+    and read as a square it could span samples, so it is refused with the tuples to pass.
+
+    Args:
+      shape: the array's shape.
+      block_size: an int or a tuple of ints (checked here).
+      batched: True where axis 0 is a batch axis, as in a layer's input: default axes
+        that include it are refused too.
+
+    Raises:
+      ValueError: for an int on another rank than 4, for too few dimensions, and with
+        ``batched`` for default axes that include axis 0.
+
+    Examples:
+      >>> default_spatial_axes((8, 16, 16, 3), 5), default_spatial_axes((8, 40, 1), (5,))
+      ((1, 2), (1,))
+      >>> default_spatial_axes((8, 40, 1), 5)
+      Traceback (most recent call last):
+      ...
+      ValueError: block_size=5 (an int) with the default spatial_axes needs a rank-4 (N, H, W, C) input, ...
+    """
+    ndim = len(shape)
+    if is_int(block_size):
+        parse_block_size(block_size)
+        if ndim != INT_BLOCK_RANK:
+            raise ValueError(
+                f"block_size={block_size!r} (an int) with the default spatial_axes needs a rank-4 (N, H, W, C) "
+                f"input, but the input has rank {ndim} (shape {shape}): on this rank an int is ambiguous and its "
+                "square could span samples. Pass a tuple, one size per spatial axis "
+                f"({_block_tuples(block_size, batched)}), or pass spatial_axes (e.g. spatial_axes=(2, 3) for NCHW)."
+            )
+        return tuple(range(1, 1 + DEFAULT_SPATIAL_RANK))
+    block = parse_block_size(block_size)
+    if ndim < len(block) + 1:
+        raise ValueError(
+            f"an array of shape {shape} has too few dimensions for {len(block)} spatial axes "
+            f"before a channel axis (block_size={block_size!r}); pass spatial_axes explicitly."
+        )
+    axes = tuple(range(ndim - 1 - len(block), ndim - 1))
+    if batched and axes[0] == 0:
+        raise ValueError(
+            f"block_size={block_size!r} with the default spatial_axes extends over the {len(block)} axes before the "
+            f"last, but the input has rank {ndim} (shape {shape}), so they would include axis 0, the batch axis, "
+            "and blocks would span samples. A layer's input is batched: pass a block_size with one entry per "
+            f"spatial axis ({_block_tuples(block[0], batched)}), or pass spatial_axes."
+        )
+    return axes
+
+
 def check_layout_arguments(
     shape: tuple[int, ...],
     block_size: object,
     spatial_axes: object,
     broadcast_dims: object,
+    *,
+    batched: bool = False,
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Checks ``block_size``, ``spatial_axes`` and ``broadcast_dims`` against an array of ``shape``.
+
+    ``batched`` is :func:`default_spatial_axes`'s: True for a layer's (batched) input.
 
     Returns:
       ``(spatial_axes, block, broadcast_dims)``: the spatial axes in ``block_size``
@@ -236,13 +367,8 @@ def check_layout_arguments(
     """
     ndim = len(shape)
     if spatial_axes is None:
-        block = parse_block_size(block_size)
-        if ndim < len(block) + 1:
-            raise ValueError(
-                f"an array of shape {shape} has too few dimensions for {len(block)} spatial axes "
-                f"before a channel axis (block_size={block_size!r}); pass spatial_axes explicitly."
-            )
-        axes = tuple(range(ndim - 1 - len(block), ndim - 1))
+        axes = default_spatial_axes(shape, block_size, batched=batched)
+        block = parse_block_size(block_size, len(axes))
     else:
         axes = _normalize_axes("spatial_axes", spatial_axes, ndim)
         if not axes:
@@ -335,7 +461,8 @@ def check_key(key: object) -> jax.Array:
     raise TypeError(
         "key must be a PRNG key from jax.random.key (any impl) or a legacy "
         f"jax.random.PRNGKey, got {type(key).__name__} with "
-        f"dtype={getattr(key, 'dtype', None)} and shape={getattr(key, 'shape', None)}."
+        f"dtype={getattr(key, 'dtype', None)} and shape={getattr(key, 'shape', None)}; a seed is not a key: "
+        "make one with jax.random.key(0) (and a new one per step with jax.random.split or jax.random.fold_in)."
     )
 
 

@@ -22,6 +22,7 @@ from dropblock_jax._checks import (
     check_shape,
     checked_probability,
     concrete_value,
+    rejects_rate_keywords,
 )
 from dropblock_jax._geometry import MaskLayout, mask_layout
 from dropblock_jax._mask import PackedMask, count_from_parts, count_parts, packed_block_mask
@@ -116,6 +117,7 @@ def _drop_block(
     return (jnp.where(kept, x.astype(compute_dtype), zero) * jnp.where(kept, scale, zero)).astype(x.dtype)
 
 
+@rejects_rate_keywords("drop_block(key, x, keep_prob=0.9)")
 def drop_block(
     key: ArrayLike,
     x: ArrayLike,
@@ -143,16 +145,27 @@ def drop_block(
         cast them to bfloat16 or float16 first.
         An array with a zero-size axis is returned as it is (its arguments are
         still checked).
-      keep_prob: probability of keeping a unit, in [0, 1]; may be traced (a traced
-        value is clipped to [0, 1]). 1 returns ``x`` unchanged; 0 drops everything.
+      keep_prob: probability of keeping a unit, in [0, 1] (the fraction KEPT, not a
+        drop rate: ``drop_block(key, x, 0.1)`` keeps 10%; a rate ``r`` of another library
+        is ``keep_prob = 1 - r``, and ``rate=``, ``drop_prob=``, ``p=``, ``drop_rate=``
+        are a TypeError that says so); may be traced (a traced value is clipped to
+        [0, 1]). 1 returns ``x`` unchanged; 0 drops everything.
         A concrete NaN is a ``ValueError``; a traced NaN has a NaN seed rate (see
         :func:`seed_rate`): no seed is drawn and the scale is NaN, so the whole output
         is NaN, in every mode, and a broken schedule shows in the loss. Under
         ``jax.experimental.checkify.checkify`` it is reported as an error.
-      block_size: int (square block over 2 spatial axes, or over every axis of
-        ``spatial_axes``) or tuple of ints, one per spatial axis; clipped to the map.
+      block_size: a static int or tuple of ints, one per spatial axis; clipped to the
+        map (a block as large as the map drops whole maps, as SpatialDropout). An int
+        is the same size along every spatial axis: with the default ``spatial_axes``
+        it needs a rank-4 ``(N, H, W, C)`` input (a square over H and W); on any other
+        rank it is a ValueError that names the tuple to pass (``(k,)`` for ``(N, T,
+        C)``, ``(k, k, k)`` for ``(N, D, H, W, C)``), so that no block spans samples.
       spatial_axes: axes the blocks extend over. Default: the ``len(block_size)``
-        axes just before the last axis.
+        axes just before the last axis (channels-last, with any number of leading
+        axes, also none: an unbatched ``(H, W, C)`` under ``vmap`` takes a tuple);
+        ``(1, 2)`` for an int. Channels-first ``(N, C, H, W)`` input needs
+        ``spatial_axes=(2, 3)``: the default reads it as ``(N, H, W, C)`` and drops
+        blocks over C and H.
       broadcast_dims: axes that share one mask, as in ``flax.linen.Dropout``; e.g.
         ``(-1,)`` shares a mask across channels, ``(0,)`` across the batch.
       seed_region: ``"valid"`` (seeds only where the whole block fits, the paper) or
@@ -171,8 +184,10 @@ def drop_block(
 
     Raises:
       TypeError: for a key that is not a PRNG key, an ``x`` of another dtype than
-        float16, bfloat16, float32 or float64, or arguments of the wrong type.
-      ValueError: for out-of-range or inconsistent arguments.
+        float16, bfloat16, float32 or float64, a traced ``block_size``, a drop-rate
+        keyword, or arguments of the wrong type.
+      ValueError: for out-of-range or inconsistent arguments, and an int
+        ``block_size`` on an input of another rank than 4 without ``spatial_axes``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -184,6 +199,8 @@ def drop_block(
       >>> kept = y != 0
       >>> bool(jnp.allclose(y[kept], x.size / kept.sum()))  # "batch" normalization: count / kept count
       True
+      >>> drop_block(jax.random.key(0), jnp.ones((2, 40, 8)), 0.9, block_size=(5,)).shape  # (N, T, C)
+      (2, 40, 8)
 
     References:
       Ghiasi, Lin, Le, "DropBlock: A regularization method for convolutional networks",
@@ -202,6 +219,7 @@ def drop_block(
     return _drop_block(key, x, keep, layout, gamma, normalize, axis_name)
 
 
+@rejects_rate_keywords("block_mask(key, shape, keep_prob=0.9)")
 def block_mask(
     key: ArrayLike,
     shape: Sequence[int],

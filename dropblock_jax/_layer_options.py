@@ -11,7 +11,8 @@ torchvision's ``DropBlock2d(p=0.1)``, keras-cv's ``DropBlock2D(rate=0.1)``. Read
 ``keep_prob``, such a value would keep 10% of the units, so every layer here takes
 ``keep_prob`` by keyword only and answers these spellings with the conversion
 (:func:`reject_ported_arguments`) instead of Python's generic "takes 1 positional
-argument" or "unexpected keyword argument".
+argument" or "unexpected keyword argument". The message is
+``_checks.ported_argument_error``'s, as for the functions.
 """
 
 from __future__ import annotations
@@ -22,16 +23,20 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from dropblock_jax._checks import (
-    DEFAULT_SPATIAL_RANK,
     GAMMA_MODES,
+    INT_BLOCK_RANK,
     NORMALIZE_MODES,
+    PORTED_RATE_NAMES,
     SEED_REGIONS,
     check_axis_name,
     check_choice,
+    check_floating,
     check_layout_arguments,
     checked_probability,
+    default_spatial_axes,
     is_int,
     parse_block_size,
+    ported_argument_error,
 )
 
 # The keyword options of drop_block that a layer holds as attributes of the same names.
@@ -122,10 +127,14 @@ def check_layer_arguments(
     named = _axis_ints(broadcast_dims) + ([] if spatial_axes is None else _axis_ints(spatial_axes))
     after = [a for a in named if a >= 0]
     before = [-a for a in named if a < 0]
-    if spatial_axes is None:
-        # The default spatial axes reach back to the one before the channel axis.
-        before.append((len(block_size) if isinstance(block_size, (tuple, list)) else DEFAULT_SPATIAL_RANK) + 1)
-    rank = max(after, default=-1) + 1 + max(before, default=0)
+    if spatial_axes is None and is_int(block_size):
+        # An int with the default axes fits a rank-4 input only.
+        rank = INT_BLOCK_RANK
+    else:
+        if spatial_axes is None:
+            # The default spatial axes reach back to the one before the channel axis.
+            before.append(len(block_size) + 1 if isinstance(block_size, (tuple, list)) else 1)
+        rank = max(after, default=-1) + 1 + max(before, default=0)
     if rank <= _LAYER_CHECK_MAX_RANK:
         check_layout_arguments((1,) * rank, block_size, spatial_axes, broadcast_dims)
     else:
@@ -137,19 +146,21 @@ def check_layer_arguments(
         _PASSED_LAYER_ARGUMENTS.add(key)
 
 
-#: Keyword names other libraries give the probability of dropping a unit (flax and
-#: keras-cv ``rate``, timm ``drop_prob``, torchvision ``p``, the seed code ``drop_rate``).
-PORTED_RATE_NAMES = ("rate", "drop_prob", "p", "drop_rate")
+def check_layer_input(inputs: Any, block_size: int | Sequence[int], spatial_axes: object) -> None:
+    """What a Flax layer checks of its input at every call, deterministic or not.
+
+    The input must be floating, and with the default ``spatial_axes`` its axis 0 is the
+    batch: an int ``block_size`` needs a rank-4 ``(N, H, W, C)`` input and a tuple one
+    more axis than ``drop_block`` needs, so that no block spans samples (see
+    ``_checks.default_spatial_axes``). Checked in evaluation too, so
+    that a model that evaluates also trains.
+    """
+    x = check_floating(inputs)
+    if spatial_axes is None:
+        default_spatial_axes(tuple(x.shape), block_size, batched=True)
+
 
 _Init = TypeVar("_Init", bound=Callable[..., None])
-
-
-def ported_argument_error(layer: str, received: str) -> TypeError:
-    """The TypeError for a dropout-style argument ``received`` (e.g. ``"rate=0.1"``) given to ``layer``."""
-    return TypeError(
-        f"{layer} got {received}, but it takes keep_prob, the probability of keeping a unit, by keyword: "
-        f"a drop rate r is keep_prob = 1 - r (e.g. {layer}(keep_prob=0.9) for a rate of 0.1)."
-    )
 
 
 def reject_ported_arguments(layer: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:

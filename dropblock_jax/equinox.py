@@ -54,7 +54,9 @@ class DropBlock(eqx.Module):
     first (``(1, 2)`` for ``(C, H, W)``, ``(1,)`` for ``(C, T)``), and an int
     ``block_size`` is a cube over them. A channels-last sample ``(H, W, C)`` takes
     ``spatial_axes=(0, 1)``. (``drop_block``'s own default is channels-last, Flax's
-    layout; the layer follows its framework instead.) Under ``vmap`` the ``"batch"``
+    layout; the layer follows its framework instead.) A batch passed without ``vmap``
+    is one sample to the layer, which cannot tell them apart: ``(N, C, H, W)`` is read as
+    a ``(C, D, H, W)`` volume, with blocks across samples, so ``vmap`` over the batch. Under ``vmap`` the ``"batch"``
     normalization counts over the one sample it sees, unless ``axis_name`` names the
     vmapped axis (``jax.vmap(..., axis_name="batch")``).
 

@@ -84,6 +84,12 @@ def _stand_in_spatial_axes(block_size: int | Sequence[int], data_format: str) ->
     return tuple(range(first, first + count))
 
 
+def _python_keep_prob(name: str, value: ArrayLike) -> float:
+    """A checked keep_prob as a Python float: a Python number as given, an array as its float32 value."""
+    checked = float(checked_probability(name, value))
+    return float(value) if isinstance(value, (int, float)) else checked
+
+
 def _held_by_a_trainer(variable: keras.Variable) -> bool:
     """True while ``model.fit`` holds the variable's value in its own state, unsynced.
 
@@ -125,9 +131,16 @@ class DropBlock(keras.layers.Layer):
     be overwritten. A value assigned outside [0, 1] is clipped inside a compiled
     function and raises in an eager call.
 
-    ``get_config`` reports the current ``keep_prob``; ``.keras`` files hold it and the
-    generator's state as weights, so a loaded model continues the saved schedule and
-    random stream.
+    ``layer.keep_prob = v`` assigns the variable as :func:`set_keep_prob` does (during
+    ``fit`` it raises at once, naming :func:`set_keep_prob`: the trainer would overwrite it).
+
+    ``get_config`` reports the current ``keep_prob``, as the Python number given while
+    the variable holds it (``0.9``, not its float32 ``0.8999999761581421``); ``.keras``
+    files hold it and the generator's state as weights, so a loaded model continues the
+    saved schedule and random stream. Being a weight, ``keep_prob`` counts as one
+    non-trainable parameter per layer in ``model.summary()``, as a batch norm's moving
+    statistics do. Loading a ``.keras`` file in a new process needs
+    ``import dropblock_jax.keras`` first: the import registers the layer with Keras.
 
     What depends on the input's rank (an axis out of range, a negative axis of
     ``broadcast_dims`` that is spatial in it, a tuple ``block_size`` of another length)
@@ -199,7 +212,7 @@ class DropBlock(keras.layers.Layer):
         if data_format is None:
             data_format = keras.config.image_data_format()
         check_choice("data_format", data_format, DATA_FORMATS)
-        checked_keep_prob = float(checked_probability("keep_prob", keep_prob))
+        checked_keep_prob = _python_keep_prob("keep_prob", keep_prob)
         check_layer_arguments(
             keep_prob=checked_keep_prob,
             block_size=block_size,
@@ -229,7 +242,33 @@ class DropBlock(keras.layers.Layer):
             trainable=False,
             autocast=False,
         )
+        # The number as given, which get_config reports while the float32 variable holds it.
+        self._given_keep_prob = checked_keep_prob
         self.supports_masking = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Writes ``layer.keep_prob = v`` into the variable, as :func:`set_keep_prob` does.
+
+        During ``model.fit`` the trainer holds the variable's value and would overwrite
+        the assignment: that is a ``RuntimeError`` naming :func:`set_keep_prob`, raised at
+        the assignment. Any other attribute, and a ``keras.Variable``, is set as usual.
+        """
+        held = vars(self).get(name)
+        if name == "keep_prob" and isinstance(held, keras.Variable) and not isinstance(value, keras.Variable):
+            self._assign_keep_prob(_python_keep_prob("keep_prob", value))
+            return
+        super().__setattr__(name, value)
+
+    def _assign_keep_prob(self, value: float) -> None:
+        """Assigns a checked ``value`` to the variable, unless ``model.fit`` holds it."""
+        if _held_by_a_trainer(self.keep_prob):
+            raise RuntimeError(
+                f"keep_prob of {self.name!r} cannot be assigned while model.fit holds the model's variables (the "
+                "trainer would overwrite it): call dropblock_jax.keras.set_keep_prob(self.model, value) in a "
+                "keras.callbacks.Callback, or use dropblock_jax.keras.KeepProbScheduler."
+            )
+        self.keep_prob.assign(value)
+        self._given_keep_prob = value
 
     def _spatial_axes(self, ndim: int) -> tuple[int, ...]:
         """The spatial axes of an input of rank ``ndim`` in this layer's data format."""
@@ -301,8 +340,12 @@ class DropBlock(keras.layers.Layer):
     def get_config(self) -> dict[str, Any]:
         """The layer's arguments, ``keep_prob`` at its current value."""
         config: dict[str, Any] = super().get_config()
+        current = float(self.keep_prob.value)
+        given = self._given_keep_prob
         config.update(
-            keep_prob=float(self.keep_prob.value),
+            # The number given, not its float32 rounding (0.9, not 0.8999999761581421), while
+            # the variable still holds it.
+            keep_prob=given if np.float32(given) == np.float32(current) else current,
             block_size=self.block_size,
             data_format=self.data_format,
             broadcast_dims=self.broadcast_dims,
@@ -354,7 +397,7 @@ def set_keep_prob(model: keras.layers.Layer, value: ArrayLike) -> int:
       >>> round(float(model.layers[0].keep_prob.value), 2)
       0.8
     """
-    checked = float(checked_probability("value", value))
+    checked = _python_keep_prob("value", value)
     layers = _drop_block_layers(model)
     if not layers:
         raise ValueError(f"set_keep_prob found no dropblock_jax.keras.DropBlock layer in {model!r}.")
@@ -371,7 +414,7 @@ def set_keep_prob(model: keras.layers.Layer, value: ArrayLike) -> int:
             "(self.model in a keras.callbacks.Callback), or use dropblock_jax.keras.KeepProbScheduler."
         )
     for layer in layers:
-        layer.keep_prob.assign(checked)
+        layer._assign_keep_prob(checked)
     return len(layers)
 
 
@@ -435,7 +478,7 @@ class KeepProbScheduler(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         """Sets keep_prob to ``schedule(step)`` before the step runs."""
         step = self._epoch_start + batch
-        self._keep_prob = float(checked_probability(f"schedule({step})", self.schedule(step)))
+        self._keep_prob = _python_keep_prob(f"schedule({step})", self.schedule(step))
         set_keep_prob(self.model, self._keep_prob)
         if self.verbose > 0:
             print(f"\nStep {step}: KeepProbScheduler setting keep_prob to {self._keep_prob}.")

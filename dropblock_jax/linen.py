@@ -11,7 +11,12 @@ from flax import linen as nn
 from jax.typing import ArrayLike
 
 from dropblock_jax._functional import drop_block
-from dropblock_jax._layer_options import check_layer_arguments, layer_options, rejects_ported_arguments
+from dropblock_jax._layer_options import (
+    check_layer_arguments,
+    check_layer_input,
+    layer_options,
+    rejects_ported_arguments,
+)
 
 __all__ = ["DropBlock"]
 
@@ -34,9 +39,13 @@ class DropBlock(nn.Module, kw_only=True):
     Attributes:
       keep_prob: probability of keeping a unit; a ``keep_prob`` given at call time
         (which may be traced, e.g. from a schedule) overrides it.
-      block_size: int or tuple of ints, one per spatial axis.
+      block_size: int or tuple of ints, one per spatial axis. The input is
+        batched: with the default ``spatial_axes`` an int needs an ``(N, H, W, C)``
+        input (a square over H and W) and a tuple's axes must not reach axis 0;
+        ``(k,)`` for ``(N, T, C)``, ``(k, k, k)`` for ``(N, D, H, W, C)``.
       spatial_axes, broadcast_dims, seed_region, gamma, normalize, axis_name: as in
-        :func:`dropblock_jax.drop_block`.
+        :func:`dropblock_jax.drop_block`; channels-first ``(N, C, H, W)`` input needs
+        ``spatial_axes=(2, 3)``, which the layer cannot infer.
       deterministic: if True, the layer is the identity.
       rng_collection: the rng collection the key comes from.
 
@@ -93,6 +102,7 @@ class DropBlock(nn.Module, kw_only=True):
         Returns:
           ``inputs`` with blocks dropped, or ``inputs`` itself when deterministic.
         """
+        check_layer_input(inputs, self.block_size, self.spatial_axes)
         if nn.merge_param("deterministic", self.deterministic, deterministic):
             return inputs
         if rng is None:

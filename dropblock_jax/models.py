@@ -31,6 +31,7 @@ from dropblock_jax._checks import (
     check_ints,
     checked_probability,
     parse_block_size,
+    rejects_rate_keywords,
     static_block_size,
 )
 from dropblock_jax.nnx import DropBlock, set_keep_prob
@@ -455,6 +456,7 @@ def _place_layer(
     return None
 
 
+@rejects_rate_keywords("resnet(50, keep_prob=0.9)")
 def resnet(
     depth: int,
     num_classes: int = 1000,
@@ -486,8 +488,15 @@ def resnet(
     Args:
       depth: one of 18, 34, 50, 101, 152, 200.
       num_classes: number of output logits.
-      keep_prob: keep probability of group 4 (the paper: scheduled from 1 to 0.9).
-      block_size: DropBlock's block size (the paper: 7).
+      keep_prob: keep probability of group 4 (the paper: scheduled from 1 to 0.9); the
+        fraction kept, not a drop rate (``drop_prob=0.1`` is ``keep_prob=0.9``).
+      block_size: DropBlock's block size (the paper: 7), clipped to each feature map.
+        On 224-pixel images the maps of groups 3 and 4 are 14x14 and 7x7: blocks in
+        group 3, whole 7x7 maps in group 4, as in the paper. On smaller images the
+        block is clipped: at 64 pixels the maps are 4x4 and 2x2, so 35 of the 36
+        places drop whole channels (SpatialDropout), a different regularizer (the
+        first place of group 3, before its strided convolution, sees 8x8). Scale the block
+        with the image (``7 * 64 / 224``, i.e. 2, at 64 pixels) to keep blocks in group 3.
       base_width: channels of the stem and width of group 1 (the groups double it); 64
         is the authors' network, smaller values keep its structure at less cost.
       regularizer, regularized_shortcuts, dtype, param_dtype, in_features, rngs: as in

@@ -11,7 +11,12 @@ from jax.typing import ArrayLike
 
 from dropblock_jax._checks import axes_tuple, check_key, checked_probability, static_block_size
 from dropblock_jax._functional import drop_block
-from dropblock_jax._layer_options import check_layer_arguments, layer_options, rejects_ported_arguments
+from dropblock_jax._layer_options import (
+    check_layer_arguments,
+    check_layer_input,
+    layer_options,
+    rejects_ported_arguments,
+)
 
 __all__ = ["DropBlock", "set_keep_prob"]
 
@@ -24,8 +29,8 @@ class DropBlock(nnx.Module):
     construction (or from ``rngs`` given at the call: an ``nnx.Rngs``, an
     ``nnx.RngStream`` or a key). ``keep_prob`` is held as data (an ``nnx.Variable``, not
     an ``nnx.Param``), so :func:`set_keep_prob` changes it without retracing an
-    ``nnx.jit`` function and optimizers leave it alone. Training without rngs is a
-    ValueError that lists the fixes.
+    ``nnx.jit`` function and optimizers leave it alone; ``layer.keep_prob = v`` writes
+    ``v`` there too. Training without rngs is a ValueError that lists the fixes.
 
     What the four layers share (keyword-only ``keep_prob``, the checks when the layer is
     built, ``drop_block``'s result for the layer's key, a traced ``keep_prob``, keys per
@@ -33,9 +38,13 @@ class DropBlock(nnx.Module):
 
     Args:
       keep_prob: probability of keeping a unit.
-      block_size: int or tuple of ints, one per spatial axis.
+      block_size: int or tuple of ints, one per spatial axis. The input is
+        batched: with the default ``spatial_axes`` an int needs an ``(N, H, W, C)``
+        input (a square over H and W) and a tuple's axes must not reach axis 0;
+        ``(k,)`` for ``(N, T, C)``, ``(k, k, k)`` for ``(N, D, H, W, C)``.
       spatial_axes, broadcast_dims, seed_region, gamma, normalize, axis_name: as in
-        :func:`dropblock_jax.drop_block`.
+        :func:`dropblock_jax.drop_block`; channels-first ``(N, C, H, W)`` input needs
+        ``spatial_axes=(2, 3)``, which the layer cannot infer.
       deterministic: if True, the layer is the identity.
       rng_collection: the rng stream the keys come from.
       rngs: an ``nnx.Rngs`` or ``nnx.RngStream``; forked at construction.
@@ -91,7 +100,7 @@ class DropBlock(nnx.Module):
         self.deterministic = deterministic
         self.rng_collection = rng_collection
         if isinstance(rngs, nnx.Rngs):
-            self.rngs = rngs[rng_collection].fork()
+            self.rngs = _stream(rngs, rng_collection).fork()
         elif isinstance(rngs, nnx.RngStream):
             self.rngs = rngs.fork()
         elif rngs is None:
@@ -122,6 +131,7 @@ class DropBlock(nnx.Module):
         Returns:
           ``inputs`` with blocks dropped, or ``inputs`` itself when deterministic.
         """
+        check_layer_input(inputs, self.block_size, self.spatial_axes)
         if self.deterministic if deterministic is None else deterministic:
             return inputs
         key = self._key(rngs)
@@ -139,7 +149,7 @@ class DropBlock(nnx.Module):
             )
         rngs = self.rngs if rngs is None else rngs
         if isinstance(rngs, nnx.Rngs):
-            return rngs[self.rng_collection]()
+            return _stream(rngs, self.rng_collection)()
         if isinstance(rngs, nnx.RngStream):
             return rngs()
         try:
@@ -149,6 +159,22 @@ class DropBlock(nnx.Module):
                 "rngs must be an nnx.Rngs, an nnx.RngStream or a PRNG key (jax.random.key of any impl, "
                 f"or a legacy jax.random.PRNGKey, also as a NumPy array), got {rngs!r} ({type(rngs).__name__})."
             ) from None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Writes ``layer.keep_prob = v`` into the stored variable, as :func:`set_keep_prob` does.
+
+        An ``nnx.jit`` function that takes the layer then sees new data, not a new
+        structure, and does not retrace; a value outside [0, 1] is refused here. Any other
+        attribute, and an ``nnx.Variable`` put in place of the stored one, is set as usual.
+        """
+        if (
+            name == "keep_prob"
+            and isinstance(vars(self).get(name), nnx.Variable)
+            and not isinstance(value, nnx.Variable)
+        ):
+            _store_keep_prob(self, checked_probability("keep_prob", value))  # type: ignore[arg-type]
+            return
+        super().__setattr__(name, value)
 
     def set_view(self, deterministic: bool | None = None) -> None:
         """Used by ``nnx.view``: ``deterministic=True`` disables DropBlock."""
@@ -195,10 +221,27 @@ def set_keep_prob(module_tree: object, value: ArrayLike) -> int:
             "given; pass the model that holds the layers (an nnx.Optimizer does not hold the model)."
         )
     for layer in layers:
-        stored = layer.keep_prob[...]
-        # An array like the stored one (its dtype, shape and sharding, the sharding type when
-        # traced), so that no single-device array meets a mesh's, which an Explicit mesh
-        # refuses outside jax.set_mesh; written into the stored array, so that under jit an
-        # Auto mesh keeps its layout too and the next call compiles nothing new.
-        layer.keep_prob[...] = stored.at[...].set(jax.lax.full_like(stored, value))
+        _store_keep_prob(layer, value)
     return len(layers)
+
+
+def _store_keep_prob(layer: DropBlock, value: jax.Array) -> None:
+    """Writes a checked ``value`` into ``layer``'s keep_prob variable."""
+    stored = layer.keep_prob[...]
+    # An array like the stored one (its dtype, shape and sharding, the sharding type when
+    # traced), so that no single-device array meets a mesh's, which an Explicit mesh
+    # refuses outside jax.set_mesh; written into the stored array, so that under jit an
+    # Auto mesh keeps its layout too and the next call compiles nothing new.
+    layer.keep_prob[...] = stored.at[...].set(jax.lax.full_like(stored, value))
+
+
+def _stream(rngs: nnx.Rngs, name: str) -> nnx.RngStream:
+    """The stream ``name`` of ``rngs`` (Flax falls back to ``default``), or an error naming DropBlock's fix."""
+    try:
+        return rngs[name]
+    except KeyError:
+        raise ValueError(
+            f"DropBlock draws its masks from the {name!r} rng stream, but the nnx.Rngs it got has neither a "
+            f"{name!r} nor a 'default' stream; pass nnx.Rngs({name}=0) (or nnx.Rngs(params=0, {name}=1) for a "
+            "whole model), or choose another stream with DropBlock(..., rng_collection=...)."
+        ) from None

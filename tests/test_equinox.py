@@ -211,7 +211,8 @@ def test_equals_drop_block_for_a_channels_last_sample_and_a_legacy_key():
     key = jax.random.key(7)
     # A channels-last sample names its axes; they are drop_block's default.
     np.testing.assert_array_equal(
-        DropBlock(keep_prob=0.7, block_size=3, spatial_axes=(0, 1))(X_HWC, key=key), drop_block(key, X_HWC, 0.7, 3)
+        DropBlock(keep_prob=0.7, block_size=3, spatial_axes=(0, 1))(X_HWC, key=key),
+        drop_block(key, X_HWC, 0.7, (3, 3)),
     )
     legacy = jax.random.PRNGKey(7)
     np.testing.assert_array_equal(
@@ -265,7 +266,7 @@ def test_vmap_over_unbatched_channels_last_inputs_that_name_their_axes():
     batch = jnp.stack([X_HWC] * 4)
     ys = jax.vmap(lambda x, k: layer(x, key=k))(batch, keys)
     for y, key in zip(ys, keys):
-        np.testing.assert_array_equal(y, drop_block(key, X_HWC, 0.5, 3))
+        np.testing.assert_array_equal(y, drop_block(key, X_HWC, 0.5, (3, 3)))
     assert not np.array_equal(ys[0] == 0, ys[1] == 0)
 
 

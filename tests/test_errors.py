@@ -165,7 +165,7 @@ def test_bad_mode_strings(argument, value):
 
 def test_too_few_dimensions_for_the_default_layout():
     with pytest.raises(ValueError, match=r"shape \(10, 10\) has too few dimensions .*spatial_axes"):
-        db.drop_block(KEY, jnp.ones((10, 10)), 0.9, 3)
+        db.drop_block(KEY, jnp.ones((10, 10)), 0.9, (3, 3))
 
 
 def test_block_mask_shape_argument():
@@ -211,4 +211,4 @@ def test_unbound_axis_name(axis_name):
     with pytest.raises(ValueError, match="is not bound here"):  # before keep_prob 1 returns x
         db.drop_block(KEY, X, 1.0, 3, axis_name=axis_name)
     with pytest.raises(ValueError, match="is not bound here"):  # bound to another axis
-        jax.vmap(lambda x: db.drop_block(KEY, x, 0.9, 3, axis_name=axis_name), axis_name="other")(X)
+        jax.vmap(lambda x: db.drop_block(KEY, x, 0.9, (3, 3), axis_name=axis_name), axis_name="other")(X)

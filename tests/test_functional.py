@@ -216,8 +216,8 @@ def test_gradient_is_mask_times_scale():
 def test_vmap_with_axis_name_normalizes_over_the_mapped_axis():
     ones = jnp.ones((4, 12, 12, 3))
     keys = jax.random.split(jax.random.key(0), 4)
-    y = jax.vmap(lambda k, xi: db.drop_block(k, xi, 0.7, 3, axis_name="batch"), axis_name="batch")(keys, ones)
-    masks = np.stack([np.asarray(db.block_mask(k, ones.shape[1:], 0.7, 3)) for k in keys])
+    y = jax.vmap(lambda k, xi: db.drop_block(k, xi, 0.7, (3, 3), axis_name="batch"), axis_name="batch")(keys, ones)
+    masks = np.stack([np.asarray(db.block_mask(k, ones.shape[1:], 0.7, (3, 3))) for k in keys])
     global_scale = masks.size / masks.sum()
     per_sample_scales = masks[0].size / masks.sum(axis=(1, 2, 3))
     # Each sample's own count would give another scale, by far more than round-off.
@@ -307,10 +307,12 @@ def test_axis_name_is_ignored_by_the_modes_that_need_no_counts():
     keys = jax.random.split(jax.random.key(0), 4)
     for normalize in ["expected", "none"]:
         with_name = jax.vmap(
-            lambda k, xi, normalize=normalize: db.drop_block(k, xi, 0.7, 3, normalize=normalize, axis_name="batch"),
+            lambda k, xi, normalize=normalize: db.drop_block(
+                k, xi, 0.7, (3, 3), normalize=normalize, axis_name="batch"
+            ),
             axis_name="batch",
         )(keys, ones)
-        without = jax.vmap(lambda k, xi, normalize=normalize: db.drop_block(k, xi, 0.7, 3, normalize=normalize))(
+        without = jax.vmap(lambda k, xi, normalize=normalize: db.drop_block(k, xi, 0.7, (3, 3), normalize=normalize))(
             keys, ones
         )
         np.testing.assert_array_equal(with_name, without)

@@ -70,15 +70,15 @@ def test_an_argument_equal_to_an_accepted_one_but_of_another_type_is_still_refus
 
 def test_what_depends_on_the_input_is_checked_at_the_call():
     # Axis 1 is spatial in an (N, H, W, C) input but not in an (N, T, H, W, C) one.
-    layer = DropBlock(keep_prob=0.6, block_size=3, broadcast_dims=(1,), deterministic=False)
-    error, message = drop_block_error(X, {"broadcast_dims": (1,)})
+    layer = DropBlock(keep_prob=0.6, block_size=(3, 3), broadcast_dims=(1,), deterministic=False)
+    error, message = drop_block_error(X, {"block_size": (3, 3), "broadcast_dims": (1,)})
     key = jax.random.key(4)
     with pytest.raises(error) as info:
         layer.apply({}, X, rng=key)
     assert str(info.value) == message
     volume = jnp.stack([X, X], axis=1)
     np.testing.assert_array_equal(
-        layer.apply({}, volume, rng=key), drop_block(key, volume, 0.6, 3, broadcast_dims=(1,))
+        layer.apply({}, volume, rng=key), drop_block(key, volume, 0.6, (3, 3), broadcast_dims=(1,))
     )
 
 

@@ -127,9 +127,9 @@ def test_dimensions_and_layouts(shape, block, spatial_axes):
 def test_unbatched_input_under_vmap():
     x = jax.random.normal(jax.random.key(0), (5, 12, 12, 3))
     keys = jax.random.split(jax.random.key(1), 5)
-    batched = jax.vmap(lambda k, xi: db.drop_block(k, xi, 0.8, 3))(keys, x)
+    batched = jax.vmap(lambda k, xi: db.drop_block(k, xi, 0.8, (3, 3)))(keys, x)
     for i in range(5):
-        np.testing.assert_array_equal(batched[i], db.drop_block(keys[i], x[i], 0.8, 3))
+        np.testing.assert_array_equal(batched[i], db.drop_block(keys[i], x[i], 0.8, (3, 3)))
 
 
 def test_broadcast_dims():

@@ -120,13 +120,15 @@ def test_call_time_rngs_accept_every_key_drop_block_accepts():
 
 def test_what_depends_on_the_input_is_checked_at_the_call():
     # Axis 1 is spatial in an (N, H, W, C) input but not in an (N, T, H, W, C) one.
-    layer = DropBlock(keep_prob=0.6, block_size=3, broadcast_dims=(1,), rngs=nnx.Rngs(dropout=0))
-    error, message = drop_block_error(X, {"broadcast_dims": (1,)})
+    layer = DropBlock(keep_prob=0.6, block_size=(3, 3), broadcast_dims=(1,), rngs=nnx.Rngs(dropout=0))
+    error, message = drop_block_error(X, {"block_size": (3, 3), "broadcast_dims": (1,)})
     with pytest.raises(error) as info:
         layer(X)
     assert str(info.value) == message
     volume = jnp.stack([X, X], axis=1)
-    np.testing.assert_array_equal(layer(volume), drop_block(_stream_keys(0, 2)[1], volume, 0.6, 3, broadcast_dims=(1,)))
+    np.testing.assert_array_equal(
+        layer(volume), drop_block(_stream_keys(0, 2)[1], volume, 0.6, (3, 3), broadcast_dims=(1,))
+    )
 
 
 def test_axes_given_as_an_int_or_a_list_reach_drop_block():
@@ -295,7 +297,8 @@ def test_nnx_vmap_over_a_stack_of_layers():
 
 
 def test_nnx_vmap_over_unbatched_inputs_with_split_rngs():
-    layer = DropBlock(keep_prob=0.5, block_size=3, rngs=nnx.Rngs(dropout=0))
+    # A layer's input is batched unless its spatial axes are named: an unbatched (H, W, C) names them.
+    layer = DropBlock(keep_prob=0.5, block_size=3, spatial_axes=(0, 1), rngs=nnx.Rngs(dropout=0))
 
     @nnx.split_rngs(splits=2)
     @nnx.vmap(in_axes=(nnx.StateAxes({nnx.RngState: 0, ...: None}), 0))

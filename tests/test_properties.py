@@ -106,8 +106,9 @@ def legal_cases(draw, empty=False):
             shape[axis] = 0
     shape = tuple(shape)
     block = tuple(draw(st.integers(1, MAX_BLOCK)) for _ in spatial)
-    # An int block is a square over two axes by default, over every spatial axis when they are given.
-    square = len(set(block)) == 1 and (num_spatial == 2 or not default_layout)
+    # An int block is the same size along every spatial axis when they are given; by default
+    # it is the square over H and W of a rank-4 (N, H, W, C) input, and refused on other ranks.
+    square = len(set(block)) == 1 and ((num_spatial == 2 and rank == 4) or not default_layout)
     if square and draw(st.booleans()):
         block_size = _maybe_numpy_int(draw, block[0])
     else:
