@@ -179,16 +179,17 @@ def runs(data, bucket, tmp_path_factory):
         # A data worker process a host, which the SIGTERM reaches too; one batch prefetched to the devices.
         workers = ("--config.data_workers=1", "--config.prefetch_batches=1")
         with running(_train_command(preempted, data, *no_interval, *workers), log, preempted_env, cwd) as child:
-            sent = []
+            sent, agreed = [], []
 
             def preempt(path, body):
                 # gcsfs uploads metrics.jsonl whole: the upload holding step 1's line is the one.
                 if f'{{"step": {SIGTERM_STEP}, "loss"'.encode() in body and not sent:
+                    sent.append(SIGTERM_STEP)
                     os.killpg(child.pid, signal.SIGTERM)
                     # Process 0 waits here for its upload, and process 1 for process 0 within a step,
                     # until both have logged the agreed sync point: JAX's service looks for SIGTERM
                     # once a second, time in which a fast machine would run every step left.
-                    sent.append(_wait_for(lambda: len(SYNC_POINT.findall(preempted_log.read_text())) == PROCESSES))
+                    agreed.append(_wait_for(lambda: len(SYNC_POINT.findall(preempted_log.read_text())) == PROCESSES))
 
             bucket.on_upload = preempt
             try:
@@ -196,7 +197,7 @@ def runs(data, bucket, tmp_path_factory):
             finally:
                 bucket.on_upload = None
     assert sent, "process 0 never uploaded the metrics of step 1"
-    assert sent == [True], f"the processes logged no preemption sync point within {TIMEOUT_S} s"
+    assert agreed == [True], f"the processes logged no preemption sync point within {TIMEOUT_S} s"
     stopped_metrics = _metrics(bucket.read("preempted/metrics.jsonl").decode())
     stopped_checkpoints = _step_dirs(bucket.names("preempted/checkpoints"))
     with (
