@@ -7,8 +7,10 @@ A few dozen random JPEGs (mixed sizes and aspect ratios, one grayscale, seven wn
 directory, once in a work directory in a bucket (``gs://``, a Cloud Storage server on
 localhost) with a data worker process, sent SIGTERM at a known step, and once more in
 that work directory, to the end. The SIGTERM goes to every process of the run, as a
-preempted VM's does, while process 0 waits for the bucket to take its step-1 metrics: it
-lands at that step whatever the machine's speed, with 7 steps left.
+preempted VM's does, while process 0 waits for the bucket to take its step-1 metrics; the
+bucket takes them once JAX's preemption service has logged the step the processes agreed
+to stop after, so that the run stops one or two steps after the signal whatever the
+machine's speed, with 5 steps or more left.
 The three launches share one persistent compilation cache, so the later two load the
 programs the first compiled. The expected values come from the source folder and from
 NumPy recounts, not from the code under test.
@@ -18,8 +20,10 @@ import io
 import json
 import os
 import pathlib
+import re
 import signal
 import sys
+import time
 
 import input_pipeline
 import numpy as np
@@ -56,6 +60,9 @@ PROCESSES = 2
 TIMEOUT_S = 600
 # The step whose metrics upload brings the SIGTERM.
 SIGTERM_STEP = 1
+# What JAX's preemption service logs (at INFO, in each process) once the processes have agreed
+# on the loop index to stop after: the largest index any of them had reached, plus one.
+SYNC_POINT = re.compile(r"Preemption sync counter is set: (\d+)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -115,6 +122,16 @@ def _train_command(workdir, data_dir, *extra):
     ]
 
 
+def _wait_for(condition):
+    """Whether ``condition()`` turned true within the launches' time limit (checked every 0.1 s)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def _finish(child, log):
     child.wait(timeout=TIMEOUT_S + 60)
     text = pathlib.Path(log.name).read_text()
@@ -154,17 +171,24 @@ def runs(data, bucket, tmp_path_factory):
     # One evaluation, at the end (the unbroken run has checked the interval).
     no_interval = ("--config.checkpoint_every_steps=100", "--config.eval_every_steps=0")
     preempted = bucket.uri("preempted")
-    with open(base / "preempted.log", "w") as log:
+    preempted_log = base / "preempted.log"
+    # The C++ side's INFO lines too (JAX shows its warnings only): the preemption service's sync point.
+    preempted_env = env | {"TF_CPP_MIN_LOG_LEVEL": "0"}
+    with open(preempted_log, "w") as log:
         # A data worker process a host, which the SIGTERM reaches too; one batch prefetched to the devices.
         workers = ("--config.data_workers=1", "--config.prefetch_batches=1")
-        with running(_train_command(preempted, data, *no_interval, *workers), log, env, cwd) as child:
-            sent = []
+        with running(_train_command(preempted, data, *no_interval, *workers), log, preempted_env, cwd) as child:
+            sent, agreed = [], []
 
             def preempt(path, body):
                 # gcsfs uploads metrics.jsonl whole: the upload holding step 1's line is the one.
                 if f'{{"step": {SIGTERM_STEP}, "loss"'.encode() in body and not sent:
-                    os.killpg(child.pid, signal.SIGTERM)
                     sent.append(SIGTERM_STEP)
+                    os.killpg(child.pid, signal.SIGTERM)
+                    # Process 0 waits here for its upload, and process 1 for process 0 within a step,
+                    # until both have logged the agreed sync point: JAX's service looks for SIGTERM
+                    # once a second, time in which a fast machine would run every step left.
+                    agreed.append(_wait_for(lambda: len(SYNC_POINT.findall(preempted_log.read_text())) == PROCESSES))
 
             bucket.on_upload = preempt
             try:
@@ -172,6 +196,7 @@ def runs(data, bucket, tmp_path_factory):
             finally:
                 bucket.on_upload = None
     assert sent, "process 0 never uploaded the metrics of step 1"
+    assert agreed == [True], f"the processes logged no preemption sync point within {TIMEOUT_S} s"
     stopped_metrics = _metrics(bucket.read("preempted/metrics.jsonl").decode())
     stopped_checkpoints = _step_dirs(bucket.names("preempted/checkpoints"))
     with (
@@ -184,6 +209,7 @@ def runs(data, bucket, tmp_path_factory):
         "unbroken": unbroken,
         "unbroken_text": unbroken_text,
         "stopped_text": stopped_text,
+        "sync_points": [int(point) for point in SYNC_POINT.findall(stopped_text)],
         "stopped_metrics": stopped_metrics,
         "stopped_checkpoints": stopped_checkpoints,
         "resumed_text": resumed_text,
@@ -310,8 +336,12 @@ def test_evaluation_counts_every_val_image_once_and_top1_is_the_recount(runs, da
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly_data_workers_included(runs):
     stopped = _train_lines(runs["stopped_metrics"])
     last = stopped[-1]["step"]
-    # The signal came during step 1's upload; the processes agree on a step a little later.
-    assert SIGTERM_STEP <= last < STEPS
+    # Agreed while process 0 was held at step 1's upload: it had last asked at loop index 0 and
+    # process 1 at index 1 at most, so every process stops after index 1 or 2, having run 2 or 3 steps.
+    point = runs["sync_points"][0]
+    assert runs["sync_points"] == [point] * PROCESSES
+    assert point in (SIGTERM_STEP, SIGTERM_STEP + 1)
+    assert last == point + 1
     assert runs["stopped_checkpoints"] == [last]
     assert f"SIGTERM: saved step {last}, stopping" in runs["stopped_text"]
 

@@ -158,6 +158,26 @@ def test_every_inception_crop_has_the_kernels_exact_properties(height, width):
         assert w == width or left + w < width
 
 
+@pytest.mark.parametrize(("height", "width"), [*CROP_SHAPES, (60, 90), (224, 224), (17, 300)])
+def test_every_draw_is_the_kernels_crop_from_the_same_random_stream(height, width):
+    # The transcription takes its numbers from the generator in the example's order (the
+    # aspect ratio, the height, then the corner): from one seed both give the same box at
+    # every draw, so a crop the example refuses or shapes otherwise fails at its draw, not
+    # only through a mean.
+    ours, kernel = np.random.default_rng(5), np.random.default_rng(5)
+    boxes = []
+    for draw in range(2000):
+        box = input_pipeline.inception_crop_box(ours, height, width)
+        assert box == kernel_crop(kernel, height, width), (draw, box)
+        boxes.append(box)
+    crops = [box for box in boxes if box is not None]
+    # On a long thin image most crops span the short side, where the kernel's bounds are `<=`.
+    if height * 10 == width:
+        assert sum(h == height for _, _, h, _ in crops) > 100
+    if width * 10 == height:
+        assert sum(w == width for _, _, _, w in crops) > 100
+
+
 def test_an_image_no_crop_fits_always_takes_the_central_crop():
     # 10 x 1000: a crop of 8% of the area at aspect <= 4/3 is at least 25 pixels high.
     rng = np.random.default_rng(0)
