@@ -324,6 +324,8 @@ def train(
         for step in range(first, last):
             rows = local_batch_indices(step, len(images), local_batch, config.seed, jax.process_index())
             batch = pod.global_batch(batched, (images[rows], labels[rows]))
+            if step == first and processes > 1:
+                step_fn = pod.compiled_together(step_fn, state, other, *batch, name="train step")
             state, metrics = step_fn(state, other, *batch)
             # Every process asks at every step, so that all stop after the same one.
             preempted = preemption.reached(step)

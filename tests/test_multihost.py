@@ -168,8 +168,38 @@ def test_data_parallel_train_step_equals_one_process(results, layer):
             assert abs(step["loss"] - step["loss_one_process"]) <= 1e-6 * abs(step["loss_one_process"])
 
 
+# Process 1 of the pair reaches its first step LATE_S seconds after process 0, as a host
+# still compiling does: past gloo's fixed 30 s for joining a program's collectives, which
+# only pod.compiled_together's wait lets process 0 survive.
+LATE_S = 35
+LATE_PROCESS_1 = f"""
+import builtins, sys, time
+
+if "--process-id" in sys.argv and sys.argv[sys.argv.index("--process-id") + 1] == "1":
+    _import = builtins.__import__
+
+    def _delay_first_batch(name, *args, **kwargs):
+        module = _import(name, *args, **kwargs)
+        pod = sys.modules.get("imagenet.pod")
+        if hasattr(pod, "global_batch") and not hasattr(pod, "_late"):
+            original = pod.global_batch
+
+            def late(*a, **k):
+                if not pod._late:
+                    pod._late.append(time.sleep({LATE_S}))
+                return original(*a, **k)
+
+            pod._late, pod.global_batch = [], late
+        return module
+
+    builtins.__import__ = _delay_first_batch
+"""
+
+
 def test_train_example_on_two_simulated_hosts_logs_and_checkpoints(tmp_path):
     checkpoints = tmp_path / "checkpoints"
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(LATE_PROCESS_1)
     result = subprocess.run(
         [
             *(sys.executable, "-W", "error", TRAIN, "--simulate-hosts", "2", "--steps", "3", "--widths", "4,8"),
@@ -178,7 +208,7 @@ def test_train_example_on_two_simulated_hosts_logs_and_checkpoints(tmp_path):
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tmp_path / "site")},
         cwd=ROOT,
         timeout=TIMEOUT_S + 60,
     )

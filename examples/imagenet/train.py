@@ -308,6 +308,13 @@ class Trainer:
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.forward = jax.jit(self._forward)
         self.eval_step = jax.jit(self._eval_step)
+        self._compiled_eval_step: Any = None
+
+    def run_eval_step(self, state: dict[str, Any], other: Any, batch: dict[str, Any]) -> Any:
+        """:attr:`eval_step` on a batch, compiled on every process before its first run."""
+        if self._compiled_eval_step is None:
+            self._compiled_eval_step = pod.compiled_together(self.eval_step, state, other, batch, name="eval step")
+        return self._compiled_eval_step(state, other, batch)
 
     def initial_state(self, sharding: jax.sharding.Sharding) -> tuple[dict[str, Any], Any]:
         """The train state and the model's other variables at step 0, as global arrays with ``sharding``.
@@ -647,7 +654,7 @@ def evaluate(
     totals = {"top1": 0, "top5": 0, "eval_images": 0}
     dumped: dict[str, list[np.ndarray]] = {"record": [], "label": [], "logits": []}
     for host, batch in batches:
-        counts, logits = trainer.eval_step(state, other, batch)
+        counts, logits = trainer.run_eval_step(state, other, batch)
         for name, value in jax.device_get(counts).items():
             totals[name] += int(value)
         if debug is not None:
@@ -743,7 +750,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if train_step is None:
                 # Compiled ahead, so that the first interval's images/s counts the step, not its compilation.
                 with clock.excluded():
-                    train_step = trainer.train_step.lower(state, other, batch).compile()
+                    train_step = pod.compiled_together(trainer.train_step, state, other, batch, name="train step")
             state, metrics = train_step(state, other, batch)
             pending.append(metrics)
             if records_log is not None:

@@ -16,7 +16,8 @@ digits) as ``imagenet.pod`` (``examples/`` is its first entry). One module a top
   gloo on CPU; under SLURM every GPU of a node for a task alone on it,
   :func:`slurm_local_device_ids`), on one machine :func:`simulate_hosts` (several local
   processes, SIGTERM forwarded to them), and :func:`check_hosts_agree` (a clear stop
-  when the hosts' inputs differ); :func:`shutdown` leaves them together at the end.
+  when the hosts' inputs differ); :func:`compiled_together` (a program compiled on every
+  process before its first run) and :func:`shutdown` (leaving together at the end).
 
 The DropBlock schedule is the library's: :func:`dropblock_jax.linear_keep_prob_schedule`.
 """
@@ -25,6 +26,7 @@ from .checkpoints import checkpoint_manager, restore_or_keep
 from .preemption import Preemption, sigterm_ignored_by_new_processes
 from .processes import (
     check_hosts_agree,
+    compiled_together,
     free_port,
     initialize,
     shutdown,
@@ -40,6 +42,7 @@ __all__ = [
     "check_global_batch",
     "check_hosts_agree",
     "checkpoint_manager",
+    "compiled_together",
     "data_shardings",
     "free_port",
     "global_batch",

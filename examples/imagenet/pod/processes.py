@@ -4,7 +4,8 @@
 of a node for a task alone on it, :func:`slurm_local_device_ids`); on one machine
 :func:`simulate_hosts` starts several local processes (SIGTERM forwarded to them);
 :func:`check_hosts_agree` stops every process with a clear message when the hosts'
-inputs differ; :func:`shutdown` leaves them together at the end.
+inputs differ; :func:`compiled_together` waits for every process's compilation before a
+program's first run; :func:`shutdown` leaves them together at the end.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import sys
 import time
 import types
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 
@@ -38,6 +41,29 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     elif distributed:
         jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
+
+
+# How long a process waits for the others to compile a program (a slow host's ResNet-50).
+COMPILE_WAIT_S = 3600
+
+
+def compiled_together(jitted: Any, *args: Any, name: str) -> Any:
+    """``jitted`` compiled for ``args``, returned once every process has compiled its own.
+
+    The first run of a program whose collectives span several processes' devices opens
+    their connection, which every process must join within a fixed time (30 s for gloo,
+    JAX's CPU collectives): a process still compiling past it fails the others' first step
+    (``DEADLINE_EXCEEDED``). The wait here is a barrier of the coordination service, which
+    involves no device; with one process there is nothing to wait for.
+
+    Args:
+      jitted: a ``jax.jit`` function.
+      *args: the arguments of its runs (their shapes, dtypes and shardings).
+      name: the program's name, unique within the run (it names the barrier).
+    """
+    compiled = jitted.lower(*args).compile()
+    ocp.multihost.get_barrier_sync_fn()(key=f"compiled {name}", timeout_ms=COMPILE_WAIT_S * 1000)
+    return compiled
 
 
 def shutdown() -> None:
