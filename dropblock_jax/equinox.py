@@ -55,10 +55,10 @@ class DropBlock(eqx.Module):
     ``block_size`` is a cube over them. A channels-last sample ``(H, W, C)`` takes
     ``spatial_axes=(0, 1)``. (``drop_block``'s own default is channels-last, Flax's
     layout; the layer follows its framework instead.) A batch passed without ``vmap``
-    is one sample to the layer, which cannot tell them apart: ``(N, C, H, W)`` is read as
-    a ``(C, D, H, W)`` volume, with blocks across samples, so ``vmap`` over the batch. Under ``vmap`` the ``"batch"``
-    normalization counts over the one sample it sees, unless ``axis_name`` names the
-    vmapped axis (``jax.vmap(..., axis_name="batch")``).
+    is one sample to the layer, which cannot tell them apart: ``(N, C, H, W)`` is read
+    as a ``(C, D, H, W)`` volume, with blocks across samples, so ``vmap`` over the
+    batch. Under ``vmap`` the ``"batch"`` normalization counts over the one sample it
+    sees, unless ``axis_name`` names the vmapped axis (``jax.vmap(..., axis_name="batch")``).
 
     ``keep_prob`` is a plain Python float, like ``eqx.nn.Dropout.p``: ``eqx.filter_jit``
     treats it as static and optimizers never see it, whatever the filter
